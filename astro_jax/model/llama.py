@@ -1,0 +1,203 @@
+"""Llama 3 decoder in Flax NNX.
+
+Weights are declared once, with shape and logical axes (see `_weight_specs`). The layers' weights are stacked
+on a leading "layers" axis, so one checkpoint layout serves both execution modes: `lax.scan` over layers (one
+compiled layer: fast compiles at 80 layers) and an unrolled Python loop. Shape suffixes: B batch, T query
+tokens, S key slots, D model dim, N query heads, K kv heads, G = N // K, H head dim, F mlp dim, V vocab, L layers.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from astro_jax.model.config import ModelConfig
+from astro_jax.model.rope import apply_rope, inverse_frequencies, rope_tables
+from astro_jax.sharding import Sharder, constrain
+
+LAYER_WEIGHTS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+
+
+def _weight_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+  """name -> (shape, logical axes) for every weight of the model."""
+  D, N, K, H, F, L, V = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.n_layers,
+                         cfg.vocab_size)
+  specs = {
+      "embed": ((V, D), ("vocab", "embed")),
+      "attn_norm": ((L, D), ("layers", "norm")),
+      "wq": ((L, D, N, H), ("layers", "embed", "q_heads", "head_dim")),
+      "wk": ((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
+      "wv": ((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
+      "wo": ((L, N, H, D), ("layers", "q_heads", "head_dim", "embed")),
+      "mlp_norm": ((L, D), ("layers", "norm")),
+      "w_gate": ((L, D, F), ("layers", "embed", "mlp")),
+      "w_up": ((L, D, F), ("layers", "embed", "mlp")),
+      "w_down": ((L, F, D), ("layers", "mlp", "embed")),
+      "final_norm": ((D,), ("norm",)),
+  }
+  if not cfg.tie_embeddings:
+    specs["lm_head"] = ((D, V), ("embed", "vocab"))
+  return specs
+
+
+class KVCache(NamedTuple):
+  """Per-layer keys and values for all rows. Prompts are left-padded, so all rows write the same slot.
+
+  Keys are stored position-minor ([.., H, S]) so that q @ K is a plain matmul and a decode step never
+  transposes the cache; values are [.., S, H] for the same reason on probs @ V.
+  """
+  k: jax.Array      # [L, B, K, H, S]
+  v: jax.Array      # [L, B, K, S, H]
+  index: jax.Array  # int32 []: the next slot to write
+
+  AXES_K = ("layers", "batch", "kv_heads", "head_dim", "cache_seq")
+  AXES_V = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
+    dtype = dtype or cfg.jnp_dtype
+    L, K, H = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+    return cls(jnp.zeros((L, batch, K, H, length), dtype), jnp.zeros((L, batch, K, length, H), dtype),
+               jnp.zeros((), jnp.int32))
+
+  @property
+  def length(self) -> int:
+    return self.k.shape[-1]
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm computed in float32; the result is cast back before the weight multiply (as HF does)."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return weight.astype(x.dtype) * y.astype(x.dtype)
+
+
+def attention(q_BTNH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+  """Grouped-query attention; scores and softmax in float32. Returns [B, T, N, H]."""
+  B, T, N, H = q_BTNH.shape
+  K = k_BKHS.shape[1]
+  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+  scores = jnp.einsum("btkgh,bkhs->bkgts", q_BTKGH, k_BKHS, preferred_element_type=jnp.float32)
+  scores = scores * (H ** -0.5)
+  scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
+  out = jnp.einsum("bkgts,bksh->btkgh", probs, v_BKSH)
+  return out.reshape(B, T, N, H)
+
+
+def _layer(cfg: ModelConfig, sharder: Sharder | None, x_BTD, w, i, k_all, v_all, cos, sin, mask_BTS, index):
+  """One decoder layer. With a cache (k_all/v_all not None) the new keys/values are written at `index`."""
+  dt = cfg.jnp_dtype
+  h = rms_norm(x_BTD, w["attn_norm"], cfg.rms_norm_eps)
+  q = apply_rope(jnp.einsum("btd,dnh->btnh", h, w["wq"].astype(dt)), cos, sin)
+  k = apply_rope(jnp.einsum("btd,dkh->btkh", h, w["wk"].astype(dt)), cos, sin)
+  v = jnp.einsum("btd,dkh->btkh", h, w["wv"].astype(dt))
+  k_BKHT, v_BKTH = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+  if k_all is None:
+    keys, values = k_BKHT, v_BKTH
+  else:
+    k_all = jax.lax.dynamic_update_slice(k_all, k_BKHT[None].astype(k_all.dtype), (i, 0, 0, 0, index))
+    v_all = jax.lax.dynamic_update_slice(v_all, v_BKTH[None].astype(v_all.dtype), (i, 0, 0, index, 0))
+    keys = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False).astype(dt)
+    values = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False).astype(dt)
+  attn = attention(q, keys, values, mask_BTS)
+  x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", attn, w["wo"].astype(dt))
+  x_BTD = constrain(sharder, x_BTD, ("batch", "seq", "act_embed"))
+  h = rms_norm(x_BTD, w["mlp_norm"], cfg.rms_norm_eps)
+  gate = jnp.einsum("btd,df->btf", h, w["w_gate"].astype(dt))
+  up = jnp.einsum("btd,df->btf", h, w["w_up"].astype(dt))
+  act = constrain(sharder, jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
+  x_BTD = x_BTD + jnp.einsum("btf,fd->btd", act, w["w_down"].astype(dt))
+  return constrain(sharder, x_BTD, ("batch", "seq", "act_embed")), k_all, v_all
+
+
+class Llama(nnx.Module):
+  """Llama 3 / SmolLM2-style decoder: embeddings, L x (RMSNorm, GQA + RoPE, RMSNorm, SwiGLU), tied/untied head."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, sharder: Sharder | None = None):
+    self.cfg = cfg
+    self.sharder = sharder
+    for name, (shape, axes) in _weight_specs(cfg).items():
+      if name.endswith("norm"):
+        value = jnp.ones(shape, cfg.jnp_param_dtype)
+      else:
+        value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(cfg.jnp_param_dtype)
+      setattr(self, name, nnx.Param(value, logical_axes=axes))
+
+  def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array, kv_mask_BS: jax.Array | None = None,
+               cache: KVCache | None = None, *, last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
+    """Logits [B, T or 1, V] in float32, and the updated cache.
+
+    positions_BT: RoPE position of each token (left-padded rows start at 0 on their first real token).
+    kv_mask_BS:   which key slots hold real tokens (S = T without a cache, the cache length with one);
+                  attention is additionally causal over slots.
+    last_only:    compute logits for the last position only (prefill for sampling).
+    """
+    cfg, dt = self.cfg, self.cfg.jnp_dtype
+    B, T = tokens_BT.shape
+    index = jnp.zeros((), jnp.int32) if cache is None else cache.index
+    S = T if cache is None else cache.length
+    if kv_mask_BS is None:
+      kv_mask_BS = jnp.ones((B, S), bool)
+    q_slot_T = index + jnp.arange(T)
+    mask_BTS = kv_mask_BS[:, None, :] & (jnp.arange(S)[None, None, :] <= q_slot_T[None, :, None])
+    cos, sin = rope_tables(positions_BT, inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+
+    x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
+    x = constrain(self.sharder, x, ("batch", "seq", "act_embed"))
+    weights = {name: getattr(self, name)[...] for name in LAYER_WEIGHTS}
+    k_all, v_all = (None, None) if cache is None else (cache.k, cache.v)
+
+    def layer(x, w, i, k_all, v_all):
+      return _layer(cfg, self.sharder, x, w, i, k_all, v_all, cos, sin, mask_BTS, index)
+    if cfg.remat:
+      layer = jax.checkpoint(layer)
+
+    if cfg.scan_layers:
+      def body(carry, xs):
+        x, k_all, v_all = carry
+        w, i = xs
+        return layer(x, w, i, k_all, v_all), None
+      (x, k_all, v_all), _ = jax.lax.scan(body, (x, k_all, v_all), (weights, jnp.arange(cfg.n_layers)))
+    else:
+      for i in range(cfg.n_layers):
+        x, k_all, v_all = layer(x, jax.tree.map(lambda a: a[i], weights), i, k_all, v_all)
+
+    if last_only:
+      x = x[:, -1:]
+    x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+    head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+    logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
+    logits = constrain(self.sharder, logits, ("batch", "seq", "act_vocab"))
+    new_cache = None if cache is None else KVCache(k_all, v_all, index + T)
+    return logits, new_cache
+
+
+def weight_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+  """Public view of the weight table (checkpoint conversion validates shapes against it)."""
+  return _weight_specs(cfg)
+
+
+def abstract_model(cfg: ModelConfig, sharder: Sharder | None = None) -> Llama:
+  """The model with ShapeDtypeStruct weights: no memory is allocated."""
+  return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), sharder=sharder))
+
+
+def init_model(cfg: ModelConfig, sharder: Sharder | None = None, seed: int = 0) -> Llama:
+  """Randomly initialised model, each weight created directly in its sharding (never whole on one device)."""
+  graphdef, abs_state = nnx.split(abstract_model(cfg, sharder))
+  from astro_jax.sharding import state_shardings
+  out_shardings = None if sharder is None else state_shardings(abs_state, sharder)
+
+  @jax.jit
+  def init():
+    return nnx.state(Llama(cfg, rngs=nnx.Rngs(seed), sharder=sharder))
+
+  state = jax.jit(init, out_shardings=out_shardings)() if out_shardings is not None else init()
+  return nnx.merge(graphdef, state)
+
+
+def count_params(model: Llama) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
