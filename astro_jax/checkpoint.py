@@ -387,10 +387,12 @@ def load_orbax_model(ckpt_dir: str | os.PathLike, *, sharder: Sharder | None = N
     cfg = cfg.replace(dtype=dtype)
   graphdef, abs_state = nnx.split(abstract_model(cfg, sharder))
   if sharder is None:
-    shardings = jax.tree.map(lambda _: _default_sharding(None, None, None), abs_state)
+    shardings = jax.tree.map(lambda _: _default_sharding(None, None, None), abs_state, is_leaf=_is_variable)
   else:
     shardings = state_shardings(abs_state, sharder)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, shardings)
+  # Both sharding trees have one leaf per Variable (not per Variable's value), so map at the Variable level.
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, shardings,
+                        is_leaf=_is_variable)
   target = nnx.to_pure_dict(target)
   with ocp.StandardCheckpointer() as ckptr:
     meta = ckptr.metadata(ckpt_dir / "params")
@@ -398,6 +400,10 @@ def load_orbax_model(ckpt_dir: str | os.PathLike, *, sharder: Sharder | None = N
     restored = ckptr.restore(ckpt_dir / "params", target)
   nnx.replace_by_pure_dict(abs_state, restored)
   return nnx.merge(graphdef, abs_state)
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
 
 
 def _check_orbax_shapes(ckpt_dir: Path, target: dict, meta) -> None:

@@ -46,25 +46,34 @@ class KVCache(NamedTuple):
   """Per-layer keys and values for all rows. Prompts are left-padded, so all rows write the same slot.
 
   Keys are stored position-minor ([.., H, S]) so that q @ K is a plain matmul and a decode step never
-  transposes the cache; values are [.., S, H] for the same reason on probs @ V.
+  transposes the cache; values are [.., S, H] for the same reason on probs @ V. `k`/`v` are either stacked
+  ([L, ...], used by `lax.scan`) or tuples of L per-layer buffers (`per_layer=True`): an unrolled decode then
+  updates and reads each layer's buffer in place, with no per-layer slice copies.
   """
-  k: jax.Array      # [L, B, K, H, S]
-  v: jax.Array      # [L, B, K, S, H]
-  index: jax.Array  # int32 []: the next slot to write
+  k: jax.Array | tuple[jax.Array, ...]  # [L, B, K, H, S] or L x [B, K, H, S]
+  v: jax.Array | tuple[jax.Array, ...]  # [L, B, K, S, H] or L x [B, K, S, H]
+  index: jax.Array                      # int32 []: the next slot to write
 
   AXES_K = ("layers", "batch", "kv_heads", "head_dim", "cache_seq")
   AXES_V = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
 
   @classmethod
-  def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
+  def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype=None, per_layer: bool = False) -> "KVCache":
     dtype = dtype or cfg.jnp_dtype
     L, K, H = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+    if per_layer:
+      return cls(tuple(jnp.zeros((batch, K, H, length), dtype) for _ in range(L)),
+                 tuple(jnp.zeros((batch, K, length, H), dtype) for _ in range(L)), jnp.zeros((), jnp.int32))
     return cls(jnp.zeros((L, batch, K, H, length), dtype), jnp.zeros((L, batch, K, length, H), dtype),
                jnp.zeros((), jnp.int32))
 
   @property
+  def per_layer(self) -> bool:
+    return isinstance(self.k, (tuple, list))
+
+  @property
   def length(self) -> int:
-    return self.k.shape[-1]
+    return (self.k[0] if self.per_layer else self.k).shape[-1]
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -87,30 +96,118 @@ def attention(q_BTNH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Array, mask_BTS:
   return out.reshape(B, T, N, H)
 
 
-def _layer(cfg: ModelConfig, sharder: Sharder | None, x_BTD, w, i, k_all, v_all, cos, sin, mask_BTS, index):
-  """One decoder layer. With a cache (k_all/v_all not None) the new keys/values are written at `index`."""
+def _write_kv(kv, k_BKHT: jax.Array, v_BKTH: jax.Array, index: jax.Array):
+  """Write this step's keys/values into the layer's cache; return (keys, values) to attend to and the cache.
+
+  kv: None (no cache: attend to this call's tokens), (k_BKHS, v_BKSH) one layer's own buffers, or
+  (k_all, v_all, i) the stacked cache and this layer's index.
+  """
+  if kv is None:
+    return k_BKHT, v_BKTH, None
+  if len(kv) == 2:
+    k, v = kv
+    k = jax.lax.dynamic_update_slice(k, k_BKHT.astype(k.dtype), (0, 0, 0, index))
+    v = jax.lax.dynamic_update_slice(v, v_BKTH.astype(v.dtype), (0, 0, index, 0))
+    return k, v, (k, v)
+  k_all, v_all, i = kv
+  k_all = jax.lax.dynamic_update_slice(k_all, k_BKHT[None].astype(k_all.dtype), (i, 0, 0, 0, index))
+  v_all = jax.lax.dynamic_update_slice(v_all, v_BKTH[None].astype(v_all.dtype), (i, 0, 0, index, 0))
+  keys = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False)
+  values = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False)
+  return keys, values, (k_all, v_all, i)
+
+
+def _layer(cfg: ModelConfig, sharder: Sharder | None, x_BTD, w, kv, cos, sin, mask_BTS, index):
+  """One decoder layer; `kv` as in `_write_kv` (the new keys/values are written at slot `index`)."""
   dt = cfg.jnp_dtype
   h = rms_norm(x_BTD, w["attn_norm"], cfg.rms_norm_eps)
   q = apply_rope(jnp.einsum("btd,dnh->btnh", h, w["wq"].astype(dt)), cos, sin)
   k = apply_rope(jnp.einsum("btd,dkh->btkh", h, w["wk"].astype(dt)), cos, sin)
   v = jnp.einsum("btd,dkh->btkh", h, w["wv"].astype(dt))
-  k_BKHT, v_BKTH = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
-  if k_all is None:
-    keys, values = k_BKHT, v_BKTH
-  else:
-    k_all = jax.lax.dynamic_update_slice(k_all, k_BKHT[None].astype(k_all.dtype), (i, 0, 0, 0, index))
-    v_all = jax.lax.dynamic_update_slice(v_all, v_BKTH[None].astype(v_all.dtype), (i, 0, 0, index, 0))
-    keys = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False).astype(dt)
-    values = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False).astype(dt)
-  attn = attention(q, keys, values, mask_BTS)
-  x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", attn, w["wo"].astype(dt))
+  keys, values, kv = _write_kv(kv, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), index)
+  attn = attention(q, keys.astype(dt), values.astype(dt), mask_BTS)
+  # Contract over the flattened (n, h) so that XLA transposes the small activation, never the weight.
+  B, T, N, H = attn.shape
+  x_BTD = x_BTD + jnp.einsum("btm,md->btd", attn.reshape(B, T, N * H), w["wo"].reshape(N * H, -1).astype(dt))
   x_BTD = constrain(sharder, x_BTD, ("batch", "seq", "act_embed"))
   h = rms_norm(x_BTD, w["mlp_norm"], cfg.rms_norm_eps)
   gate = jnp.einsum("btd,df->btf", h, w["w_gate"].astype(dt))
   up = jnp.einsum("btd,df->btf", h, w["w_up"].astype(dt))
   act = constrain(sharder, jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
   x_BTD = x_BTD + jnp.einsum("btf,fd->btd", act, w["w_down"].astype(dt))
-  return constrain(sharder, x_BTD, ("batch", "seq", "act_embed")), k_all, v_all
+  return constrain(sharder, x_BTD, ("batch", "seq", "act_embed")), kv
+
+
+def forward(cfg: ModelConfig, sharder: Sharder | None, params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
+            kv_mask_BS: jax.Array | None = None, cache: KVCache | None = None, *,
+            last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
+  """The model as a pure function of its weights (see `Llama.__call__` for the arguments).
+
+  params: "embed", "final_norm", "lm_head" (untied) and the layer weights, either stacked (name -> [L, ...],
+  run with `lax.scan` or an unrolled loop as `cfg.scan_layers` says) or as "layers": a tuple of L per-layer
+  dicts (`split_layers`), always unrolled, each weight read from its own buffer (no per-layer slice copy).
+  """
+  dt = cfg.jnp_dtype
+  B, T = tokens_BT.shape
+  index = jnp.zeros((), jnp.int32) if cache is None else cache.index
+  S = T if cache is None else cache.length
+  if kv_mask_BS is None:
+    kv_mask_BS = jnp.ones((B, S), bool)
+  q_slot_T = index + jnp.arange(T)
+  mask_BTS = kv_mask_BS[:, None, :] & (jnp.arange(S)[None, None, :] <= q_slot_T[None, :, None])
+  cos, sin = rope_tables(positions_BT, inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+
+  x = jnp.take(params["embed"], tokens_BT, axis=0).astype(dt)
+  x = constrain(sharder, x, ("batch", "seq", "act_embed"))
+
+  def layer(x, w, kv):
+    return _layer(cfg, sharder, x, w, kv, cos, sin, mask_BTS, index)
+  if cfg.remat:
+    layer = jax.checkpoint(layer)
+
+  if "layers" in params:  # per-layer weights and (optionally) per-layer cache buffers: unrolled
+    if cache is not None and not cache.per_layer:
+      raise ValueError("per-layer weights (split_layers) need a per-layer KVCache (KVCache.zeros(per_layer=True))")
+    kvs = [None] * cfg.n_layers if cache is None else list(zip(cache.k, cache.v))
+    for i, w in enumerate(params["layers"]):
+      x, kvs[i] = layer(x, w, kvs[i])
+    k_out, v_out = (None, None) if cache is None else (tuple(kv[0] for kv in kvs), tuple(kv[1] for kv in kvs))
+  elif cache is not None and cache.per_layer:
+    raise ValueError("a per-layer KVCache needs per-layer weights (split_layers)")
+  else:
+    weights = {name: params[name] for name in LAYER_WEIGHTS}
+    k_out, v_out = (None, None) if cache is None else (cache.k, cache.v)
+    if cfg.scan_layers:
+      def body(carry, xs):
+        x, k_all, v_all = carry
+        w, i = xs
+        x, kv = layer(x, w, None if k_all is None else (k_all, v_all, i))
+        return (x, *((None, None) if kv is None else kv[:2])), None
+      (x, k_out, v_out), _ = jax.lax.scan(body, (x, k_out, v_out), (weights, jnp.arange(cfg.n_layers)))
+    else:
+      for i in range(cfg.n_layers):
+        x, kv = layer(x, jax.tree.map(lambda a: a[i], weights), None if k_out is None else (k_out, v_out, i))
+        if kv is not None:
+          k_out, v_out = kv[:2]
+
+  if last_only:
+    x = x[:, -1:]
+  x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+  if cfg.tie_embeddings:  # contract with embed [V, D] as stored: `embed.T` costs a transposed copy per call
+    logits = jnp.einsum("btd,vd->btv", x, params["embed"].astype(dt), preferred_element_type=jnp.float32)
+  else:
+    logits = jnp.einsum("btd,dv->btv", x, params["lm_head"].astype(dt), preferred_element_type=jnp.float32)
+  logits = constrain(sharder, logits, ("batch", "seq", "act_vocab"))
+  new_cache = None if cache is None else KVCache(k_out, v_out, index + T)
+  return logits, new_cache
+
+
+def split_layers(params: dict) -> dict:
+  """Stacked layer weights (name -> [L, ...]) -> "layers": a tuple of per-layer dicts (for unrolled decode)."""
+  out = {k: v for k, v in params.items() if k not in LAYER_WEIGHTS}
+  L = params[LAYER_WEIGHTS[0]].shape[0]
+  out["layers"] = tuple({name: params[name][i] for name in LAYER_WEIGHTS} for i in range(L))
+  return out
 
 
 class Llama(nnx.Module):
@@ -135,44 +232,12 @@ class Llama(nnx.Module):
                   attention is additionally causal over slots.
     last_only:    compute logits for the last position only (prefill for sampling).
     """
-    cfg, dt = self.cfg, self.cfg.jnp_dtype
-    B, T = tokens_BT.shape
-    index = jnp.zeros((), jnp.int32) if cache is None else cache.index
-    S = T if cache is None else cache.length
-    if kv_mask_BS is None:
-      kv_mask_BS = jnp.ones((B, S), bool)
-    q_slot_T = index + jnp.arange(T)
-    mask_BTS = kv_mask_BS[:, None, :] & (jnp.arange(S)[None, None, :] <= q_slot_T[None, :, None])
-    cos, sin = rope_tables(positions_BT, inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+    return forward(self.cfg, self.sharder, self.weights(), tokens_BT, positions_BT, kv_mask_BS, cache,
+                   last_only=last_only)
 
-    x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
-    x = constrain(self.sharder, x, ("batch", "seq", "act_embed"))
-    weights = {name: getattr(self, name)[...] for name in LAYER_WEIGHTS}
-    k_all, v_all = (None, None) if cache is None else (cache.k, cache.v)
-
-    def layer(x, w, i, k_all, v_all):
-      return _layer(cfg, self.sharder, x, w, i, k_all, v_all, cos, sin, mask_BTS, index)
-    if cfg.remat:
-      layer = jax.checkpoint(layer)
-
-    if cfg.scan_layers:
-      def body(carry, xs):
-        x, k_all, v_all = carry
-        w, i = xs
-        return layer(x, w, i, k_all, v_all), None
-      (x, k_all, v_all), _ = jax.lax.scan(body, (x, k_all, v_all), (weights, jnp.arange(cfg.n_layers)))
-    else:
-      for i in range(cfg.n_layers):
-        x, k_all, v_all = layer(x, jax.tree.map(lambda a: a[i], weights), i, k_all, v_all)
-
-    if last_only:
-      x = x[:, -1:]
-    x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
-    head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-    logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
-    logits = constrain(self.sharder, logits, ("batch", "seq", "act_vocab"))
-    new_cache = None if cache is None else KVCache(k_all, v_all, index + T)
-    return logits, new_cache
+  def weights(self) -> dict:
+    """The weights as a dict of arrays (stacked layers), the input of `forward`."""
+    return {name: getattr(self, name)[...] for name in _weight_specs(self.cfg)}
 
 
 def weight_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:

@@ -47,7 +47,7 @@ def read_rows(config: ml_collections.ConfigDict) -> list[dict]:
   if not config.input:
     problems = data.load_benchmark("math500")[:config.num_prompts]
     return [{"id": p.id, "messages": prompts.math_messages(p.problem), "answer": p.answer} for p in problems]
-  rows = data.read_jsonl_rows(config.input, strict=True)
+  rows = data.read_jsonl_rows(config.input, torn_tail_ok=False)
   for i, row in enumerate(rows, 1):
     if not isinstance(row.get("prompt"), str) and not isinstance(row.get("messages"), list):
       raise ValueError(f"{config.input}:{i}: a row needs 'prompt' (string) or 'messages' (list of "

@@ -1,0 +1,388 @@
+"""Batched autoregressive sampling with a preallocated KV cache: prompts -> completions.
+
+One `generate` call: prompts are tokenized, sorted by length and cut into batches of at most `max_batch` rows
+(a row = one of the n samples of a prompt). Per batch:
+
+  prefill  (jit)  the batch's distinct prompts, left-padded to a bucketed length P, fill a cache of P slots; the
+                  cache is padded to P + N slots (N = bucketed token budget) and each prompt's rows are gathered
+                  from it, so the n samples of a prompt share one prefill. Logits only at the last position.
+  decode   (jit)  one `lax.while_loop` samples a token per row per step until every row has stopped; the cache is
+                  donated into it and updated in place.
+  host            detokenize, cut exactly at the first stop string, build `Completion`s.
+
+Shapes are bucketed (powers of two) so that few programs compile. Each row draws its randomness from its own
+stream, fold_in(fold_in(key(seed), row), step) with row = prompt_index * n + sample_index, so results do not
+depend on batching, padding or the mesh.
+
+Stop strings. Inside the loop each row runs one small automaton per stop string over the text of its tokens (a
+host-precomputed [state, token] transition table, like KMP over token texts), so a row stops at the token that
+completes a stop string, even when the string spans several tokens. The automaton assumes a sequence's text is
+the concatenation of its tokens' texts (true for byte-level BPE on whole characters); the host then checks the
+decoded text, which is authoritative: it cuts the text exactly at the first occurrence and the tokens at the one
+that completes it (that token may carry text past the stop string; its ids stay, the text is cut).
+
+Log-probs. `logprobs`: under the distribution actually sampled from (temperature, then top-k, then top-p,
+renormalized); with temperature 0 (greedy) it is the untempered model's log-prob, like `model_logprobs`.
+`model_logprobs`: log_softmax of the raw model logits (temperature 1, full vocabulary).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from astro_jax.model.config import ModelConfig
+from astro_jax.model.llama import KVCache, Llama, forward, split_layers, weight_specs
+from astro_jax.sharding import Sharder
+
+# Finish codes used inside the loop; 0 = still running.
+_RUNNING, _EOS, _STOP, _LENGTH = 0, 1, 2, 3
+FINISH_REASONS = {_EOS: "eos", _STOP: "stop", _LENGTH: "length"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How to sample. temperature 0 = greedy; top_k 0 and top_p 1 disable those filters.
+
+  stop: strings that end a completion (searched in the generated text only, not the prompt).
+  include_stop_str: keep the stop string at the end of `Completion.text` (default: cut before it).
+  ignore_eos: do not stop on EOS ids (benchmarks: always produce max_new_tokens).
+  """
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  max_new_tokens: int = 256
+  n: int = 1
+  stop: tuple[str, ...] = ()
+  include_stop_str: bool = False
+  ignore_eos: bool = False
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_new_tokens < 1 or self.n < 1:
+      raise ValueError(f"invalid {self}")
+    if isinstance(self.stop, str):
+      object.__setattr__(self, "stop", (self.stop,))
+    if any(not s for s in self.stop):
+      raise ValueError("stop strings must be non-empty")
+
+
+@dataclasses.dataclass
+class Completion:
+  """One sampled continuation. token_ids includes the terminating token (EOS, or the one completing a stop)."""
+  text: str
+  token_ids: list[int]
+  logprobs: list[float]        # per token, under the sampling distribution (see module doc)
+  model_logprobs: list[float]  # per token, under the untempered full model distribution
+  finish_reason: str           # "eos" | "stop" | "length"
+
+
+# --- Token selection (pure, jit-friendly) ----------------------------------------------------------------------
+
+def _truncate(scaled_BV: jax.Array, top_p_B: jax.Array, top_k_B: jax.Array) -> jax.Array:
+  """Top-k, then top-p (smallest set of most likely tokens with mass >= p); others -> -inf. Ties are kept."""
+  V = scaled_BV.shape[-1]
+  desc_BV = -jnp.sort(-scaled_BV, axis=-1)
+  rank_V = jnp.arange(V)
+  k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, V), V)
+  desc_BV = jnp.where(rank_V < k_B[:, None], desc_BV, -jnp.inf)
+  probs_BV = jax.nn.softmax(desc_BV, axis=-1)
+  mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+  n_keep_B = jnp.sum((mass_before_BV < top_p_B[:, None]) & (rank_V < k_B[:, None]), axis=-1)
+  threshold_B = jnp.take_along_axis(desc_BV, jnp.maximum(n_keep_B - 1, 0)[:, None], axis=-1)
+  return jnp.where(scaled_BV >= threshold_B, scaled_BV, -jnp.inf)
+
+
+def sample_tokens(logits_BV: jax.Array, keys_B: jax.Array, temperature_B: jax.Array, top_p_B: jax.Array,
+                  top_k_B: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One token per row. Returns (token [B] int32, log-prob under the sampling distribution, model log-prob)."""
+  logits_BV = logits_BV.astype(jnp.float32)
+  model_lp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+  greedy_B = temperature_B <= 0
+  greedy_tok_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
+  def draw(_):
+    scaled_BV = logits_BV / jnp.where(greedy_B, 1.0, temperature_B)[:, None]
+    needs_cut = jnp.any(~greedy_B & ((top_k_B > 0) | (top_p_B < 1)))
+    scaled_BV = jax.lax.cond(needs_cut, _truncate, lambda x, *_: x, scaled_BV, top_p_B, top_k_B)
+    drawn_B = jax.vmap(jax.random.categorical)(keys_B, scaled_BV).astype(jnp.int32)
+    tok_B = jnp.where(greedy_B, greedy_tok_B, drawn_B)
+    sample_lp_B = jnp.take_along_axis(jax.nn.log_softmax(scaled_BV, axis=-1), tok_B[:, None], axis=-1)[:, 0]
+    return tok_B, sample_lp_B
+
+  tok_B, sample_lp_B = jax.lax.cond(jnp.all(greedy_B), lambda _: (greedy_tok_B, jnp.zeros_like(temperature_B)),
+                                    draw, None)
+  model_lp_B = jnp.take_along_axis(model_lp_BV, tok_B[:, None], axis=-1)[:, 0]
+  return tok_B, jnp.where(greedy_B, model_lp_B, sample_lp_B), model_lp_B
+
+
+# --- Stop strings: token-level automaton (host precompute) -----------------------------------------------------
+
+def stop_automaton(stop: Sequence[str], token_texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+  """Transition tables for matching stop strings over token texts.
+
+  Returns table [n_stop, M + 1, V] uint8 (M = longest stop string; state j = the text so far ends with
+  stop[:j]; state len(stop) = matched, absorbing) and lengths [n_stop] int32.
+  """
+  V, M = len(token_texts), max(len(s) for s in stop)
+  table = np.zeros((len(stop), M + 1, V), np.uint8)
+  for i, s in enumerate(stop):
+    m, chars = len(s), set(s)
+    table[i, m, :] = m
+    for t, text in enumerate(token_texts):
+      if text and text[0] not in chars and text[-1] not in chars:
+        continue  # cannot continue, complete or start a match: state 0 (the table's default)
+      for j in range(m):
+        u = s[:j] + text
+        table[i, j, t] = m if s in u else next(k for k in range(min(m - 1, len(u)), -1, -1) if u.endswith(s[:k]))
+  return table, np.array([len(s) for s in stop], np.int32)
+
+
+def _find_stop(text: str, stop: Sequence[str]) -> tuple[int, str] | None:
+  """(position, string) of the earliest stop string in text (the longest one on a tie), or None."""
+  hits = [(text.find(s), -len(s), s) for s in stop if s in text]
+  return (min(hits)[0], min(hits)[2]) if hits else None
+
+
+# --- Jitted prefill and decode ----------------------------------------------------------------------------------
+
+class RowParams(NamedTuple):
+  """Per-row sampling settings (all [B])."""
+  row_id: jax.Array       # int32: global row index, seeds the row's PRNG stream
+  active: jax.Array       # bool: False for batch padding rows
+  temperature: jax.Array  # float32
+  top_p: jax.Array        # float32
+  top_k: jax.Array        # int32
+  max_new: jax.Array      # int32: token budget
+
+
+class DecodeOut(NamedTuple):
+  tokens: jax.Array          # [B, N] int32
+  logprobs: jax.Array        # [B, N] float32
+  model_logprobs: jax.Array  # [B, N] float32
+  lengths: jax.Array         # [B] int32: tokens produced
+  finish: jax.Array          # [B] int32 finish code
+
+
+def _constrain_cache(sharder: Sharder | None, cache: KVCache) -> KVCache:
+  if sharder is None:
+    return cache
+  lead = 1 if cache.per_layer else 0  # per-layer buffers have no "layers" axis
+  k_axes, v_axes = KVCache.AXES_K[lead:], KVCache.AXES_V[lead:]
+  return cache._replace(k=jax.tree.map(lambda x: sharder.constrain(x, k_axes), cache.k),
+                        v=jax.tree.map(lambda x: sharder.constrain(x, v_axes), cache.v))
+
+
+def _expand_cache(cache: KVCache, src_R: jax.Array, new_slots: int) -> KVCache:
+  """Rows src_R of the cache (one copy per decode row), with `new_slots` empty slots appended."""
+  lead = 0 if cache.per_layer else 1  # index of the batch axis
+
+  def expand(x, seq_axis):
+    x = jnp.take(x, src_R, axis=lead)
+    return jnp.pad(x, [(0, new_slots if a == seq_axis + lead else 0) for a in range(x.ndim)])
+  return cache._replace(k=jax.tree.map(lambda x: expand(x, 3), cache.k),
+                        v=jax.tree.map(lambda x: expand(x, 2), cache.v))
+
+
+def _prefill(cfg: ModelConfig, sharder: Sharder | None, params: dict, tokens_BP: jax.Array, kv_mask_BP: jax.Array,
+             src_R: jax.Array, *, new_slots: int, cache_dtype) -> tuple[KVCache, jax.Array]:
+  """Prefill B distinct prompts, then give each of the R decode rows a copy of its prompt's cache (src_R).
+
+  Returns the cache (P + new_slots slots, R rows) and the next-token logits [R, V].
+  """
+  B, P = tokens_BP.shape
+  positions_BP = jnp.maximum(jnp.cumsum(kv_mask_BP, axis=1) - 1, 0).astype(jnp.int32)
+  cache = KVCache.zeros(cfg, B, P, cache_dtype, per_layer="layers" in params)
+  logits_B1V, cache = forward(cfg, sharder, params, tokens_BP, positions_BP, kv_mask_BP, cache, last_only=True)
+  cache = _constrain_cache(sharder, _expand_cache(cache, src_R, new_slots))
+  return cache, jnp.take(logits_B1V[:, 0], src_R, axis=0)
+
+
+def _decode(cfg: ModelConfig, sharder: Sharder | None, params: dict, cache: KVCache, logits_BV: jax.Array,
+            kv_mask_BS: jax.Array, pos_B: jax.Array, rows: RowParams, seed: jax.Array, stop_table: jax.Array,
+            stop_len: jax.Array, *, budget: int, eos_ids: tuple[int, ...], pad_id: int) -> tuple[DecodeOut, KVCache]:
+  """Sample up to `budget` tokens per row in one while_loop that ends when every row has finished."""
+  B = logits_BV.shape[0]
+  base_key = jax.random.key(seed)
+  row_keys_B = jax.vmap(lambda r: jax.random.fold_in(base_key, r))(rows.row_id)
+  eos_E = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+  stop_ids_K = jnp.arange(stop_table.shape[0])
+
+  def select(t, logits_BV, out: DecodeOut, stop_state_BK):
+    """Sample step t for every row, record it, update stop/finish state."""
+    keys_B = jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys_B)
+    tok_B, lp_B, mlp_B = sample_tokens(logits_BV, keys_B, rows.temperature, rows.top_p, rows.top_k)
+    running_B = out.finish == _RUNNING
+    tok_B = jnp.where(running_B, tok_B, pad_id)
+    write = lambda buf, col: jax.lax.dynamic_update_slice(buf, col[:, None].astype(buf.dtype), (0, t))
+    # Out-of-range indices clamp (the no-stop table is [1, 1, 1] and never reaches its stop length).
+    stop_state_BK = stop_table[stop_ids_K[None], stop_state_BK, tok_B[:, None]].astype(jnp.int32)
+    is_eos = jnp.any(tok_B[:, None] == eos_E[None], axis=-1)
+    is_stop = jnp.any(stop_state_BK == stop_len[None], axis=-1)
+    code = jnp.where(is_eos, _EOS, jnp.where(is_stop, _STOP, jnp.where(t + 1 >= rows.max_new, _LENGTH, _RUNNING)))
+    out = DecodeOut(write(out.tokens, tok_B), write(out.logprobs, lp_B), write(out.model_logprobs, mlp_B),
+                    jnp.where(running_B, t + 1, out.lengths), jnp.where(running_B, code, out.finish))
+    return out, stop_state_BK
+
+  zeros = jnp.zeros((B, budget), jnp.float32)
+  out = DecodeOut(jnp.full((B, budget), pad_id, jnp.int32), zeros, zeros, jnp.zeros((B,), jnp.int32),
+                  jnp.where(rows.active, _RUNNING, _LENGTH).astype(jnp.int32))
+  out, stop_state_BK = select(0, logits_BV, out, jnp.zeros((B, stop_table.shape[0]), jnp.int32))
+
+  def cond(carry):
+    t, _, out, _ = carry
+    return (t < budget) & jnp.any(out.finish == _RUNNING)
+
+  def body(carry):
+    t, cache, out, stop_state_BK = carry
+    prev_B = jax.lax.dynamic_index_in_dim(out.tokens, t - 1, axis=1, keepdims=False)
+    logits_B1V, cache = forward(cfg, sharder, params, prev_B[:, None], (pos_B + t - 1)[:, None], kv_mask_BS, cache)
+    out, stop_state_BK = select(t, logits_B1V[:, 0], out, stop_state_BK)
+    return t + 1, cache, out, stop_state_BK
+
+  _, cache, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, out, stop_state_BK))
+  return out, cache
+
+
+# --- Host side --------------------------------------------------------------------------------------------------
+
+def bucket(n: int, minimum: int = 16) -> int:
+  """Smallest power of two >= max(n, minimum): the static sizes programs are compiled for."""
+  return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+class Sampler:
+  """Generates completions for batches of prompts with a model (optionally on a mesh, sample rule set)."""
+
+  def __init__(self, model: Llama, tokenizer, *, sharder: Sharder | None = None, max_batch: int = 64,
+               cache_dtype: str | None = None, unroll_layers: bool = True):
+    """model: our Llama; tokenizer: astro_jax Tokenizer; sharder: a Sharder with "sample" rules (or None);
+    max_batch: most decode rows per program; cache_dtype: KV cache dtype (default: the model's dtype);
+    unroll_layers: run with per-layer weight and cache buffers, layers unrolled (fast decode: no per-layer
+    slice copies; slower to compile), else `lax.scan` over the stacked layers (fast to compile)."""
+    self.cfg, self.tokenizer, self.sharder, self.unroll_layers = model.cfg, tokenizer, sharder, unroll_layers
+    self.batch_shards = 1 if sharder is None else math.prod(
+        sharder.mesh.shape[a] for a in dict(sharder.rules)["batch"])
+    self.max_batch = _round_up(max_batch, self.batch_shards)
+    self.cache_dtype = jnp.dtype(cache_dtype or self.cfg.dtype)
+    self.eos_ids = tuple(int(i) for i in tokenizer.eos_ids)
+    self.pad_id = int(tokenizer.pad_id)
+    self._prefill = jax.jit(functools.partial(_prefill, self.cfg, sharder),
+                            static_argnames=("new_slots", "cache_dtype"))
+    self._decode = jax.jit(functools.partial(_decode, self.cfg, sharder),
+                           static_argnames=("budget", "eos_ids", "pad_id"), donate_argnames=("cache",))
+    self._token_texts: list[str] | None = None
+    self._stop_tables: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
+    self.update_weights(model)
+
+  def update_weights(self, model: Llama) -> None:
+    """Take the model's current weights (e.g. after a training step), resharded with the sample rules."""
+    params = model.weights()
+    if self.sharder is not None:
+      params = jax.device_put(params, {name: self.sharder.named(axes, shape)
+                                       for name, (shape, axes) in weight_specs(self.cfg).items()})
+    self.params = jax.jit(split_layers)(params) if self.unroll_layers else params
+
+  # -- helpers
+  def _stop_table(self, stop: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    if not stop:
+      return np.zeros((1, 1, 1), np.uint8), np.full((1,), 255, np.int32)  # never matches (state stays 0)
+    if stop not in self._stop_tables:
+      if self._token_texts is None:
+        texts = self.tokenizer.hf.batch_decode([[i] for i in range(len(self.tokenizer))])
+        self._token_texts = texts + [""] * max(0, self.cfg.vocab_size - len(texts))
+      self._stop_tables[stop] = stop_automaton(stop, self._token_texts[:self.cfg.vocab_size])
+    return self._stop_tables[stop]
+
+  def _put(self, x: np.ndarray) -> jax.Array:
+    """Host array with a leading batch axis -> device, split over the batch shards."""
+    if self.sharder is None:
+      return jnp.asarray(x)
+    return jax.device_put(x, self.sharder.named(("batch",) + (None,) * (x.ndim - 1), x.shape))
+
+  def encode(self, prompt: str | Sequence[int]) -> list[int]:
+    return self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+
+  # -- main entry point
+  def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], params: SamplingParams
+               ) -> list[list[Completion]]:
+    """Completions for each prompt (text, or token ids used as is): outer list = prompts, inner = n samples.
+
+    To continue a partial answer, pass prompt + prefix (as text, or better as token ids): the completion is
+    what follows it, and stop strings are searched in the completion only.
+    """
+    ids = [self.encode(p) for p in prompts]
+    if any(not x for x in ids):
+      raise ValueError("empty prompt")
+    n = params.n
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths share a batch
+    rows = [(p, j) for p in order for j in range(n)]
+    results: list[list[Completion | None]] = [[None] * n for _ in ids]
+    for start in range(0, len(rows), self.max_batch):
+      chunk = rows[start:start + self.max_batch]
+      for (p, j), completion in zip(chunk, self._generate_batch(ids, chunk, params)):
+        results[p][j] = completion
+    return results  # type: ignore[return-value]
+
+  def _generate_batch(self, ids: list[list[int]], rows: list[tuple[int, int]], params: SamplingParams
+                      ) -> list[Completion]:
+    n_shards = self.batch_shards
+    prompts = list(dict.fromkeys(p for p, _ in rows))  # distinct prompts, in order
+    B = _round_up(bucket(len(prompts), 1), n_shards)
+    R = _round_up(bucket(len(rows), 1), n_shards)
+    P = bucket(max(len(ids[p]) for p in prompts))
+    N = bucket(params.max_new_tokens)
+    if P + N > self.cfg.max_position_embeddings:
+      P = max(len(ids[p]) for p in prompts)  # do not exceed the context for the sake of a bucket
+    tokens = np.full((B, P), self.pad_id, np.int32)
+    mask = np.zeros((B, P), bool)
+    for b, p in enumerate(prompts):
+      tokens[b, P - len(ids[p]):], mask[b, P - len(ids[p]):] = ids[p], True
+    slot = {p: b for b, p in enumerate(prompts)}
+    src = np.zeros((R,), np.int32)
+    src[:len(rows)] = [slot[p] for p, _ in rows]
+    active = np.arange(R) < len(rows)
+    row_id = np.zeros((R,), np.int32)
+    row_id[:len(rows)] = [p * params.n + j for p, j in rows]
+    full = lambda v, dt: np.full((R,), v, dt)
+    row_params = RowParams(row_id, active, full(params.temperature, np.float32), full(params.top_p, np.float32),
+                           full(params.top_k, np.int32), full(params.max_new_tokens, np.int32))
+    kv_mask_RS = np.concatenate([mask[src], np.ones((R, N), bool)], axis=1)
+    pos_R = mask.sum(1).astype(np.int32)[src]
+    table, stop_len = self._stop_table(params.stop)
+
+    cache, logits = self._prefill(self.params, self._put(tokens), self._put(mask), self._put(src),
+                                  new_slots=N, cache_dtype=self.cache_dtype)
+    out, _ = self._decode(self.params, cache, logits, self._put(kv_mask_RS), self._put(pos_R),
+                          jax.tree.map(self._put, row_params), jnp.uint32(params.seed), jnp.asarray(table),
+                          jnp.asarray(stop_len), budget=N,
+                          eos_ids=() if params.ignore_eos else self.eos_ids, pad_id=self.pad_id)
+    out = jax.tree.map(np.asarray, jax.device_get(out))
+    return [self._completion(out, r, params) for r in range(len(rows))]
+
+  def _completion(self, out: DecodeOut, r: int, params: SamplingParams) -> Completion:
+    length, code = int(out.lengths[r]), int(out.finish[r])
+    token_ids = out.tokens[r, :length].tolist()
+    text = self.tokenizer.decode(token_ids)
+    hit = _find_stop(text, params.stop) if params.stop else None
+    if hit is not None:
+      pos, s = hit
+      # Keep tokens up to the one that completes the first stop string (usually the last one already).
+      while length > 1 and _find_stop(self.tokenizer.decode(token_ids[:length - 1]), params.stop) == hit:
+        length -= 1
+      token_ids = token_ids[:length]
+      text = text[:pos + (len(s) if params.include_stop_str else 0)]
+      code = _STOP
+    elif code == _STOP:  # the token-level match was not confirmed on the decoded text (see module doc)
+      code = _LENGTH
+    return Completion(text, token_ids, out.logprobs[r, :length].tolist(), out.model_logprobs[r, :length].tolist(),
+                      FINISH_REASONS[code])
