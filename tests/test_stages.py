@@ -45,6 +45,32 @@ def test_generate_stage_keeps_fields_and_writes_completions(tmp_path, smollm2_di
       assert c["text"] == tok.decode(c["token_ids"])
 
 
+def test_generate_stage_resumes_a_killed_run(tmp_path, smollm2_dir):
+  src = tmp_path / "prompts.jsonl"
+  data.write_jsonl_atomic(src, [{"prompt": "One, two,"}, {"prompt": "Red, green,"}, {"prompt": "A, B,"}])
+  out = tmp_path / "out.jsonl"
+  config = stage_config("generate", checkpoint=str(smollm2_dir), input=str(src), output=str(out), batch_size=1,
+                        **{"sampling.max_new_tokens": 4})
+  stages.get("generate").run(config)
+  first = data.read_jsonl_rows(out)
+  # As if killed after the second prompt: its row is in the partial file (marked, to prove it is reused), the
+  # third is not, and a torn line follows.
+  partial = tmp_path / "out.jsonl.partial"
+  common_settings = tmp_path / "out.jsonl.partial.settings.json"
+  stages.get("generate")._resume(config, partial)
+  assert common_settings.exists()
+  data.append_jsonl(partial, {"_index": 1, **first[1], "marker": True})
+  with open(partial, "a") as f:
+    f.write('{"_index": 2, "tor')
+  out.unlink()
+  stages.get("generate").run(config)
+  again = data.read_jsonl_rows(out)
+  assert [r["prompt"] for r in again] == [r["prompt"] for r in first]
+  assert again[1].get("marker") is True and "marker" not in again[0] and "marker" not in again[2]
+  assert [r["completions"] for r in again] == [r["completions"] for r in first]  # greedy: same tokens
+  assert not partial.exists() and not common_settings.exists()
+
+
 def test_generate_stage_rejects_malformed_input_with_file_and_line(tmp_path):
   src = tmp_path / "bad.jsonl"
   src.write_text('{"prompt": "ok"}\n{"prompt": oops}\n')

@@ -1,6 +1,7 @@
 """Config pieces and set-up shared by all stages: mesh, multi-host start, model + tokenizer loading."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -60,3 +61,16 @@ def load_model_and_tokenizer(config: ml_collections.ConfigDict, sharder: shardin
   if tok_dir is None:
     raise FileNotFoundError(f"checkpoint {ckpt} has no tokenizer files; pass --config.tokenizer=DIR")
   return model, Tokenizer.load(tok_dir, extra_eos_ids=model.cfg.eos_token_ids)
+
+
+def guard_settings(path: Path, settings: dict) -> None:
+  """Resumable outputs: record the settings that shape results on first use; later runs must match them."""
+  settings = json.loads(json.dumps(settings))
+  if path.exists():
+    previous = json.loads(path.read_text())
+    if previous != settings:
+      raise ValueError(f"{path.parent} holds results of other settings ({path}: {previous}, now: {settings}); "
+                       f"use another output location or delete the old results")
+  else:
+    from astro_jax import data
+    data.write_text_atomic(path, json.dumps(settings, indent=2) + "\n")

@@ -44,27 +44,14 @@ def benchmark_name(spec: str) -> str:
   return Path(spec).stem if spec.endswith(".jsonl") else spec
 
 
-def _check_resume(out_dir: Path, config: ml_collections.ConfigDict) -> None:
-  """Refuse to mix results of different settings in one output directory."""
-  run = {k: (config[k].to_dict() if isinstance(config[k], ml_collections.ConfigDict) else config[k])
-         for k in _RUN_KEYS}
-  path = out_dir / "run_config.json"
-  if path.exists():
-    previous = json.loads(path.read_text())
-    if previous != json.loads(json.dumps(run)):
-      raise ValueError(f"{out_dir} holds results of other settings ({path}: {previous}); "
-                       f"use another --config.output_dir or delete it")
-  else:
-    path.write_text(json.dumps(run, indent=2) + "\n")
-
-
 def run(config: ml_collections.ConfigDict) -> None:
   from astro_jax import data, eval_metrics, prompts, verifier
   from astro_jax.sampler import Sampler
 
   out_dir = Path(config.output_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  _check_resume(out_dir, config)
+  common.guard_settings(out_dir / "run_config.json", {
+      k: (config[k].to_dict() if isinstance(config[k], ml_collections.ConfigDict) else config[k]) for k in _RUN_KEYS})
   specs = [s.strip() for s in config.benchmarks.split(",") if s.strip()]
   problems = {benchmark_name(s): data.load_benchmark(s) for s in specs}  # fail on bad data before loading a model
   if config.limit >= 0:
