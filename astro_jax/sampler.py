@@ -42,6 +42,7 @@ from astro_jax.sharding import Sharder
 
 # Finish codes used inside the loop; 0 = still running.
 _RUNNING, _EOS, _STOP, _LENGTH = 0, 1, 2, 3
+_NEVER = 255  # stop length of padding automata: states are uint8 <= 254, so they never match
 FINISH_REASONS = {_EOS: "eos", _STOP: "stop", _LENGTH: "length"}
 
 
@@ -130,13 +131,15 @@ def stop_automaton(stop: Sequence[str], token_texts: Sequence[str]) -> tuple[np.
   stop[:j]; state len(stop) = matched, absorbing) and lengths [n_stop] int32.
   """
   V, M = len(token_texts), max(len(s) for s in stop)
+  if M >= _NEVER:
+    raise ValueError(f"stop strings longer than {_NEVER - 1} characters are not supported")
   table = np.zeros((len(stop), M + 1, V), np.uint8)
   for i, s in enumerate(stop):
     m, chars = len(s), set(s)
     table[i, m, :] = m
     for t, text in enumerate(token_texts):
-      if text and text[0] not in chars and text[-1] not in chars:
-        continue  # cannot continue, complete or start a match: state 0 (the table's default)
+      if text and text[0] not in chars and text[-1] not in chars and s not in text:
+        continue  # can neither complete a match nor end inside one: state 0 (the table's default)
       for j in range(m):
         u = s[:j] + text
         table[i, j, t] = m if s in u else next(k for k in range(min(m - 1, len(u)), -1, -1) if u.endswith(s[:k]))
@@ -220,7 +223,6 @@ def _decode(cfg: ModelConfig, sharder: Sharder | None, params: dict, cache: KVCa
     running_B = out.finish == _RUNNING
     tok_B = jnp.where(running_B, tok_B, pad_id)
     write = lambda buf, col: jax.lax.dynamic_update_slice(buf, col[:, None].astype(buf.dtype), (0, t))
-    # Out-of-range indices clamp (the no-stop table is [1, 1, 1] and never reaches its stop length).
     stop_state_BK = stop_table[stop_ids_K[None], stop_state_BK, tok_B[:, None]].astype(jnp.int32)
     is_eos = jnp.any(tok_B[:, None] == eos_E[None], axis=-1)
     is_stop = jnp.any(stop_state_BK == stop_len[None], axis=-1)
@@ -293,21 +295,27 @@ class Sampler:
     self.params = jax.jit(split_layers)(params) if self.unroll_layers else params
 
   # -- helpers
-  def _stop_table(self, stop: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    if not stop:
-      return np.zeros((1, 1, 1), np.uint8), np.full((1,), 255, np.int32)  # never matches (state stays 0)
+  def _stop_table(self, stop: tuple[str, ...]) -> tuple[jax.Array, jax.Array]:
+    """Device stop automaton for these stop strings, padded to bucketed shapes (few decode programs)."""
     if stop not in self._stop_tables:
-      if self._token_texts is None:
+      if stop and self._token_texts is None:
         texts = self.tokenizer.hf.batch_decode([[i] for i in range(len(self.tokenizer))])
-        self._token_texts = texts + [""] * max(0, self.cfg.vocab_size - len(texts))
-      self._stop_tables[stop] = stop_automaton(stop, self._token_texts[:self.cfg.vocab_size])
+        self._token_texts = (texts + [""] * self.cfg.vocab_size)[:self.cfg.vocab_size]
+      exact, exact_lengths = (stop_automaton(stop, self._token_texts) if stop else
+                              (np.zeros((0, 1, self.cfg.vocab_size), np.uint8), np.zeros((0,), np.int32)))
+      table = np.zeros((bucket(len(stop), 4), bucket(exact.shape[1], 4), self.cfg.vocab_size), np.uint8)
+      table[:exact.shape[0], :exact.shape[1]] = exact
+      lengths = np.full((table.shape[0],), _NEVER, np.int32)  # padding automata never match
+      lengths[:len(exact_lengths)] = exact_lengths
+      self._stop_tables[stop] = (self._put(table, replicate=True), self._put(lengths, replicate=True))
     return self._stop_tables[stop]
 
-  def _put(self, x: np.ndarray) -> jax.Array:
-    """Host array with a leading batch axis -> device, split over the batch shards."""
+  def _put(self, x: np.ndarray, replicate: bool = False) -> jax.Array:
+    """Host array -> device: split over the batch shards along its leading axis, or replicated."""
     if self.sharder is None:
       return jnp.asarray(x)
-    return jax.device_put(x, self.sharder.named(("batch",) + (None,) * (x.ndim - 1), x.shape))
+    axes = (None,) * x.ndim if replicate else ("batch",) + (None,) * (x.ndim - 1)
+    return jax.device_put(x, self.sharder.named(axes, x.shape))
 
   def encode(self, prompt: str | Sequence[int]) -> list[int]:
     return self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -323,6 +331,10 @@ class Sampler:
     ids = [self.encode(p) for p in prompts]
     if any(not x for x in ids):
       raise ValueError("empty prompt")
+    longest = max(map(len, ids), default=0) + params.max_new_tokens
+    if longest > self.cfg.max_position_embeddings:
+      raise ValueError(f"prompt + max_new_tokens = {longest} > max_position_embeddings "
+                       f"{self.cfg.max_position_embeddings}")
     n = params.n
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths share a batch
     rows = [(p, j) for p in order for j in range(n)]
@@ -341,8 +353,6 @@ class Sampler:
     R = _round_up(bucket(len(rows), 1), n_shards)
     P = bucket(max(len(ids[p]) for p in prompts))
     N = bucket(params.max_new_tokens)
-    if P + N > self.cfg.max_position_embeddings:
-      P = max(len(ids[p]) for p in prompts)  # do not exceed the context for the sake of a bucket
     tokens = np.full((B, P), self.pad_id, np.int32)
     mask = np.zeros((B, P), bool)
     for b, p in enumerate(prompts):
@@ -363,8 +373,7 @@ class Sampler:
     cache, logits = self._prefill(self.params, self._put(tokens), self._put(mask), self._put(src),
                                   new_slots=N, cache_dtype=self.cache_dtype)
     out, _ = self._decode(self.params, cache, logits, self._put(kv_mask_RS), self._put(pos_R),
-                          jax.tree.map(self._put, row_params), jnp.uint32(params.seed), jnp.asarray(table),
-                          jnp.asarray(stop_len), budget=N,
+                          jax.tree.map(self._put, row_params), jnp.uint32(params.seed), table, stop_len, budget=N,
                           eos_ids=() if params.ignore_eos else self.eos_ids, pad_id=self.pad_id)
     out = jax.tree.map(np.asarray, jax.device_get(out))
     return [self._completion(out, r, params) for r in range(len(rows))]
@@ -382,7 +391,5 @@ class Sampler:
       token_ids = token_ids[:length]
       text = text[:pos + (len(s) if params.include_stop_str else 0)]
       code = _STOP
-    elif code == _STOP:  # the token-level match was not confirmed on the decoded text (see module doc)
-      code = _LENGTH
     return Completion(text, token_ids, out.logprobs[r, :length].tolist(), out.model_logprobs[r, :length].tolist(),
                       FINISH_REASONS[code])

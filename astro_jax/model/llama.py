@@ -88,11 +88,18 @@ def attention(q_BTNH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Array, mask_BTS:
   B, T, N, H = q_BTNH.shape
   K = k_BKHS.shape[1]
   q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-  scores = jnp.einsum("btkgh,bkhs->bkgts", q_BTKGH, k_BKHS, preferred_element_type=jnp.float32)
+  if T == 1:  # decode: broadcast-multiply-reduce; batched dots with G rows each are slow on CPU
+    q_BKGH1 = q_BTKGH[:, 0, :, :, :, None].astype(jnp.float32)
+    scores = jnp.sum(q_BKGH1 * k_BKHS[:, :, None].astype(jnp.float32), axis=3)[:, :, :, None]  # [B,K,G,1,S]
+  else:
+    scores = jnp.einsum("btkgh,bkhs->bkgts", q_BTKGH, k_BKHS, preferred_element_type=jnp.float32)
   scores = scores * (H ** -0.5)
   scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
-  out = jnp.einsum("bkgts,bksh->btkgh", probs, v_BKSH)
+  if T == 1:
+    out = jnp.sum(probs[:, :, :, 0, :, None] * v_BKSH[:, :, None], axis=3)[:, None]  # [B,1,K,G,H]
+  else:
+    out = jnp.einsum("bkgts,bksh->btkgh", probs, v_BKSH)
   return out.reshape(B, T, N, H)
 
 

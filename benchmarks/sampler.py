@@ -1,0 +1,190 @@
+"""Sampler throughput: astro_jax vs HF transformers `generate` on the real SmolLM2-135M, side by side.
+
+  python benchmarks/sampler.py [--batches 1 16 64] [--reps 5 3 2] [--new-tokens 128]
+
+Both sides decode greedily exactly `new_tokens` tokens per row (HF: min_new_tokens = max_new_tokens; ours:
+ignore_eos) for the same prompts; a measurement is one whole call (tokenize, prefill, decode, detokenize).
+Warm-up calls are excluded (compilation), measurements of the two sides are interleaved (alternating order)
+and medians are reported. fp32 on CPU, bf16 on a GPU.
+
+Roofline at batch 1: bytes a decode step must read (all weights + the KV cache of the live context) divided by
+the decode step time, as a fraction of the streaming read bandwidth measured in the same run (the best of a
+jitted fp32 matrix-vector product and torch.mv over a 1 GiB matrix; on a GPU a bf16 one over 4 GiB). The
+decode step time is (t(new_tokens) - t(1)) / (new_tokens - 1): the prefill and fixed costs cancel out.
+
+Results: printed, and merged into benchmarks/results/sampler.json (rows of other devices are kept, rows of this
+device are replaced), so CPU and GPU rows live in one file, told apart by `device`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from astro_jax import assets
+from astro_jax.checkpoint import load_hf_model
+from astro_jax.sampler import Sampler, SamplingParams
+from astro_jax.tokenizer import Tokenizer
+
+PROMPTS = (
+    "The capital of France is",
+    "Question: A farmer has 17 sheep and buys 5 more. How many sheep does he have? Think step by step.",
+    "def fibonacci(n):",
+    "Once upon a time, in a land far away, there lived a",
+    "Explain why the sky is blue in simple words.",
+    "List three prime numbers greater than 100 and explain how you know they are prime.",
+    "Translate to French: I like apples, but not bananas.",
+    "Solve for x: 3x + 7 = 22.",
+)
+
+
+def device_name() -> str:
+  dev = jax.devices()[0]
+  if dev.platform == "cpu":
+    model = platform.processor() or "cpu"
+    try:
+      model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+      pass
+    return f"cpu: {model}, {os.cpu_count()} cores"
+  return f"{dev.platform}: {dev.device_kind}"
+
+
+def timed(fn) -> float:
+  t = time.perf_counter()
+  fn()
+  return time.perf_counter() - t
+
+
+def read_bandwidth(on_gpu: bool) -> float:
+  """Streaming read bandwidth (bytes/s): a matrix-vector product reads the matrix once (best of a few impls)."""
+  import torch
+  dtype, n_bytes = (jnp.bfloat16, 4 << 30) if on_gpu else (jnp.float32, 1 << 30)
+  rows = n_bytes // jnp.dtype(dtype).itemsize // 4096
+  w = jax.jit(lambda: jnp.full((rows, 4096), 0.5, dtype))()
+  x = jnp.ones((4096,), dtype)
+  matvec = jax.jit(lambda w, x: w @ x)
+  matvec(w, x).block_until_ready()
+  best = min(timed(lambda: matvec(w, x).block_until_ready()) for _ in range(10))
+  del w
+  device = "cuda" if on_gpu else "cpu"
+  wt = torch.full((rows, 4096), 0.5, dtype=torch.bfloat16 if on_gpu else torch.float32, device=device)
+  xt = torch.ones(4096, dtype=wt.dtype, device=device)
+  sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+  torch.mv(wt, xt), sync()
+  best = min(best, min(timed(lambda: (torch.mv(wt, xt), sync())) for _ in range(10)))
+  return n_bytes / best
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+  ap.add_argument("--reps", type=int, nargs="+", default=None, help="measurements per batch size")
+  ap.add_argument("--new-tokens", type=int, default=128)
+  ap.add_argument("--hf-dir", default=None, help="HF checkpoint (default: the cached SmolLM2-135M-Instruct)")
+  ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sampler.json"))
+  ap.add_argument("--no-hf", action="store_true", help="time astro_jax only")
+  args = ap.parse_args()
+
+  import torch
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+  on_gpu = jax.devices()[0].platform == "gpu"
+  dtype = "bfloat16" if on_gpu else "float32"
+  reps = args.reps or ([10] * len(args.batches) if on_gpu else [{1: 5, 16: 3}.get(b, 2) for b in args.batches])
+  hf_dir = Path(args.hf_dir) if args.hf_dir else assets.smollm2_hf_dir()
+  device, T = device_name(), args.new_tokens
+  print(f"device: {device}; dtype {dtype}; {T} new tokens; jax {jax.__version__}, torch {torch.__version__}; "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+
+  tokenizer = Tokenizer.load(hf_dir)
+  model = load_hf_model(hf_dir, dtype=dtype, param_dtype=dtype)
+  sampler = Sampler(model, tokenizer, max_batch=max(args.batches))
+  cfg = model.cfg
+  weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.weights()))
+  del model
+
+  torch_device = "cuda" if on_gpu else "cpu"
+  hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).to(torch_device).eval()
+  hf_tok = AutoTokenizer.from_pretrained(hf_dir)
+  hf_tok.padding_side = "left"
+  sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+
+  def ours(prompts, n_tokens):
+    sampler.generate(prompts, SamplingParams(temperature=0, max_new_tokens=n_tokens, ignore_eos=True))
+
+  def hf(prompts, n_tokens):
+    enc = hf_tok(prompts, return_tensors="pt", padding=True).to(torch_device)
+    with torch.inference_mode():
+      out = hf_model.generate(**enc, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False,
+                              pad_token_id=hf_tok.pad_token_id)
+    sync()
+    assert out.shape[1] == enc["input_ids"].shape[1] + n_tokens
+    hf_tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+  bandwidth = read_bandwidth(on_gpu)
+  print(f"streaming read bandwidth: {bandwidth / 1e9:.1f} GB/s; weights {weight_bytes / 1e6:.0f} MB", flush=True)
+
+  rows = []
+  for batch, n_reps in zip(args.batches, reps):
+    prompts = [f"{PROMPTS[i % len(PROMPTS)]} ({i})" for i in range(batch)]
+    t0 = time.perf_counter()
+    ours(prompts, T)  # compile
+    if batch == 1:
+      ours(prompts, 1)
+    if not args.no_hf:
+      hf(prompts, 4)
+    print(f"batch {batch}: warm-up {time.perf_counter() - t0:.0f}s", flush=True)
+    t_ours, t_hf, t_one = [], [], []
+    for r in range(n_reps):
+      order = (("ours", "hf") if r % 2 == 0 else ("hf", "ours"))
+      for side in order:
+        if side == "ours":
+          t_ours.append(timed(lambda: ours(prompts, T)))
+          if batch == 1:
+            t_one.append(timed(lambda: ours(prompts, 1)))
+        elif not args.no_hf:
+          t_hf.append(timed(lambda: hf(prompts, T)))
+    ours_tok_s = batch * T / statistics.median(t_ours)
+    hf_tok_s = batch * T / statistics.median(t_hf) if t_hf else None
+    roofline = None
+    if batch == 1:
+      step_s = (statistics.median(t_ours) - statistics.median(t_one)) / (T - 1)
+      prompt_len = len(tokenizer.encode_prompt(prompts[0]))
+      kv_bytes = (2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * (prompt_len + T / 2)
+                  * jnp.dtype(sampler.cache_dtype).itemsize)
+      roofline = (weight_bytes + kv_bytes) / step_s / bandwidth
+      print(f"batch 1: decode step {step_s * 1e3:.2f} ms, {(weight_bytes + kv_bytes) / step_s / 1e9:.1f} GB/s",
+            flush=True)
+    rows.append(dict(device=device, model="SmolLM2-135M-Instruct", dtype=dtype, batch=batch, new_tokens=T,
+                     astro_jax_tok_s=round(ours_tok_s, 2), hf_tok_s=None if hf_tok_s is None else round(hf_tok_s, 2),
+                     ratio=None if hf_tok_s is None else round(ours_tok_s / hf_tok_s, 3),
+                     roofline_fraction=None if roofline is None else round(roofline, 3)))
+    print(f"batch {batch}: astro_jax {[round(batch * T / t, 1) for t in t_ours]} tok/s, "
+          f"hf {[round(batch * T / t, 1) for t in t_hf]} tok/s", flush=True)
+
+  print(f"\n{'batch':>5} {'astro_jax tok/s':>16} {'hf tok/s':>9} {'ratio':>6} {'roofline':>8}   ({device}, {dtype})")
+  for r in rows:
+    fmt = lambda v, f: "-" if v is None else format(v, f)
+    print(f"{r['batch']:>5} {r['astro_jax_tok_s']:>16.1f} {fmt(r['hf_tok_s'], '9.1f')} {fmt(r['ratio'], '6.2f')} "
+          f"{fmt(r['roofline_fraction'], '8.2f')}")
+  if args.no_hf:
+    return
+  out = Path(args.out)
+  kept = [r for r in (json.loads(out.read_text()) if out.exists() else []) if r.get("device") != device]
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_suffix(".tmp")
+  tmp.write_text(json.dumps(kept + rows, indent=1) + "\n")
+  os.replace(tmp, out)
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()
