@@ -10,16 +10,27 @@ One `generate` call: prompts are tokenized, sorted by length and cut into batche
                   donated into it and updated in place.
   host            detokenize, cut exactly at the first stop string, build `Completion`s.
 
-Shapes are bucketed (powers of two) so that few programs compile. Each row draws its randomness from its own
-stream, fold_in(fold_in(key(seed), row), step) with row = prompt_index * n + sample_index, so results do not
-depend on batching, padding or the mesh.
+Shapes are bucketed (powers of two: rows, distinct prompts, P, N, stop tables) so that few programs compile.
+Each row draws its randomness from its own stream, fold_in(fold_in(key(seed), row), step) with
+row = prompt_index * n + sample_index, so results do not depend on batching, padding or the mesh. On a mesh
+the weights follow the "sample" rules (the Sharder given) and rows are split over the batch axes (data x fsdp);
+row counts are padded to a multiple of that.
+
+Decode speed (XLA:CPU, SmolLM2-135M; see benchmarks/sampler.py): by default the sampler keeps its own copy of
+the weights split into per-layer buffers and a per-layer KV cache, and unrolls the layers, so a step reads each
+weight and cache buffer in place; slicing layer i out of stacked [L, ...] arrays inside `lax.scan` copied every
+weight and the layer's cache once per step (about 2x slower at batch 1). The copy also fuses each layer's q/k/v
+projections into one matmul (`split_layers(fuse=True)`; each matmul pays a fixed cost). It costs one more set
+of weights in memory; `unroll_layers=False` keeps the
+stacked layout and scans (fast compiles for deep models).
 
 Stop strings. Inside the loop each row runs one small automaton per stop string over the text of its tokens (a
 host-precomputed [state, token] transition table, like KMP over token texts), so a row stops at the token that
 completes a stop string, even when the string spans several tokens. The automaton assumes a sequence's text is
 the concatenation of its tokens' texts (true for byte-level BPE on whole characters); the host then checks the
 decoded text, which is authoritative: it cuts the text exactly at the first occurrence and the tokens at the one
-that completes it (that token may carry text past the stop string; its ids stay, the text is cut).
+that completes it (that token may carry text past the stop string; its ids stay, the text is cut). A stop the
+loop missed is still cut on the host (the row just ran longer than needed).
 
 Log-probs. `logprobs`: under the distribution actually sampled from (temperature, then top-k, then top-p,
 renormalized); with temperature 0 (greedy) it is the untempered model's log-prob, like `model_logprobs`.
@@ -50,9 +61,11 @@ FINISH_REASONS = {_EOS: "eos", _STOP: "stop", _LENGTH: "length"}
 class SamplingParams:
   """How to sample. temperature 0 = greedy; top_k 0 and top_p 1 disable those filters.
 
-  stop: strings that end a completion (searched in the generated text only, not the prompt).
-  include_stop_str: keep the stop string at the end of `Completion.text` (default: cut before it).
-  ignore_eos: do not stop on EOS ids (benchmarks: always produce max_new_tokens).
+  stop: strings that end a completion (searched in the generated text only, not the prompt), e.g. "\n\n"
+    to expand one reasoning step at a time.
+  include_stop_str: keep the stop string at the end of `Completion.text` (default: cut just before it).
+  ignore_eos: do not stop on EOS ids (EOS may still be sampled; benchmarks: always produce max_new_tokens).
+  seed: with the row index and step, the only source of randomness (same seed -> same samples).
   """
   temperature: float = 1.0
   top_p: float = 1.0
@@ -67,8 +80,7 @@ class SamplingParams:
   def __post_init__(self):
     if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_new_tokens < 1 or self.n < 1:
       raise ValueError(f"invalid {self}")
-    if isinstance(self.stop, str):
-      object.__setattr__(self, "stop", (self.stop,))
+    object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
     if any(not s for s in self.stop):
       raise ValueError("stop strings must be non-empty")
 
@@ -267,10 +279,10 @@ class Sampler:
 
   def __init__(self, model: Llama, tokenizer, *, sharder: Sharder | None = None, max_batch: int = 64,
                cache_dtype: str | None = None, unroll_layers: bool = True):
-    """model: our Llama; tokenizer: astro_jax Tokenizer; sharder: a Sharder with "sample" rules (or None);
-    max_batch: most decode rows per program; cache_dtype: KV cache dtype (default: the model's dtype);
-    unroll_layers: run with per-layer weight and cache buffers, layers unrolled (fast decode: no per-layer
-    slice copies; slower to compile), else `lax.scan` over the stacked layers (fast to compile)."""
+    """model: our Llama (its weights are copied, resharded; see `update_weights`); tokenizer: an astro_jax
+    Tokenizer; sharder: a Sharder with the "sample" rules (None: one device); max_batch: most rows (prompts x
+    n) per program; cache_dtype: KV cache dtype (default: the model's dtype); unroll_layers: per-layer weight
+    and cache buffers, layers unrolled (fast decode, slower compiles), else `lax.scan` over stacked layers."""
     self.cfg, self.tokenizer, self.sharder, self.unroll_layers = model.cfg, tokenizer, sharder, unroll_layers
     self.batch_shards = 1 if sharder is None else math.prod(
         sharder.mesh.shape[a] for a in dict(sharder.rules)["batch"])
@@ -292,7 +304,8 @@ class Sampler:
     if self.sharder is not None:
       params = jax.device_put(params, {name: self.sharder.named(axes, shape)
                                        for name, (shape, axes) in weight_specs(self.cfg).items()})
-    self.params = jax.jit(split_layers)(params) if self.unroll_layers else params
+    fused_layers = functools.partial(split_layers, fuse=True, sharder=self.sharder)
+    self.params = jax.jit(fused_layers)(params) if self.unroll_layers else params
 
   # -- helpers
   def _stop_table(self, stop: tuple[str, ...]) -> tuple[jax.Array, jax.Array]:
@@ -321,7 +334,7 @@ class Sampler:
     return self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
 
   # -- main entry point
-  def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], params: SamplingParams
+  def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], params: SamplingParams = SamplingParams()
                ) -> list[list[Completion]]:
     """Completions for each prompt (text, or token ids used as is): outer list = prompts, inner = n samples.
 
@@ -350,7 +363,7 @@ class Sampler:
     n_shards = self.batch_shards
     prompts = list(dict.fromkeys(p for p, _ in rows))  # distinct prompts, in order
     B = _round_up(bucket(len(prompts), 1), n_shards)
-    R = _round_up(bucket(len(rows), 1), n_shards)
+    R = _round_up(min(bucket(len(rows), 1), self.max_batch), n_shards)
     P = bucket(max(len(ids[p]) for p in prompts))
     N = bucket(params.max_new_tokens)
     tokens = np.full((B, P), self.pad_id, np.int32)

@@ -8,12 +8,15 @@ Warm-up calls are excluded (compilation), measurements of the two sides are inte
 and medians are reported. fp32 on CPU, bf16 on a GPU.
 
 Roofline at batch 1: bytes a decode step must read (all weights + the KV cache of the live context) divided by
-the decode step time, as a fraction of the streaming read bandwidth measured in the same run (the best of a
-jitted fp32 matrix-vector product and torch.mv over a 1 GiB matrix; on a GPU a bf16 one over 4 GiB). The
-decode step time is (t(new_tokens) - t(1)) / (new_tokens - 1): the prefill and fixed costs cancel out.
+the decode step time, as a fraction of the streaming read bandwidth measured in the same run (median of 10
+runs of the faster of a jitted fp32 matrix-vector product and torch.mv over a 1 GiB matrix; on a GPU bf16 over
+4 GiB). The decode step time is (t(new_tokens) - t(1)) / (new_tokens - 1): prefill and fixed costs cancel out.
+The machine should be otherwise idle: the load average is printed (torch's threads slow down badly when the
+cores are oversubscribed, which would flatter the ratio).
 
 Results: printed, and merged into benchmarks/results/sampler.json (rows of other devices are kept, rows of this
-device are replaced), so CPU and GPU rows live in one file, told apart by `device`.
+device are replaced), so CPU and GPU rows live in one file, told apart by `device`; `commit` says which code
+was measured.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,6 +62,16 @@ def device_name() -> str:
   return f"{dev.platform}: {dev.device_kind}"
 
 
+def code_version() -> str:
+  """The commit the numbers were measured at (+dirty: with uncommitted changes), or "unknown"."""
+  import subprocess
+  try:
+    return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent, check=True,
+                          capture_output=True, text=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
 def timed(fn) -> float:
   t = time.perf_counter()
   fn()
@@ -65,7 +79,8 @@ def timed(fn) -> float:
 
 
 def read_bandwidth(on_gpu: bool) -> float:
-  """Streaming read bandwidth (bytes/s): a matrix-vector product reads the matrix once (best of a few impls)."""
+  """Streaming read bandwidth (bytes/s): a matrix-vector product reads the matrix once. The median of 10 runs,
+  the best of two implementations (a jitted JAX one and torch.mv)."""
   import torch
   dtype, n_bytes = (jnp.bfloat16, 4 << 30) if on_gpu else (jnp.float32, 1 << 30)
   rows = n_bytes // jnp.dtype(dtype).itemsize // 4096
@@ -73,15 +88,31 @@ def read_bandwidth(on_gpu: bool) -> float:
   x = jnp.ones((4096,), dtype)
   matvec = jax.jit(lambda w, x: w @ x)
   matvec(w, x).block_until_ready()
-  best = min(timed(lambda: matvec(w, x).block_until_ready()) for _ in range(10))
+  best = statistics.median(timed(lambda: matvec(w, x).block_until_ready()) for _ in range(10))
   del w
   device = "cuda" if on_gpu else "cpu"
   wt = torch.full((rows, 4096), 0.5, dtype=torch.bfloat16 if on_gpu else torch.float32, device=device)
   xt = torch.ones(4096, dtype=wt.dtype, device=device)
   sync = torch.cuda.synchronize if on_gpu else (lambda: None)
   torch.mv(wt, xt), sync()
-  best = min(best, min(timed(lambda: (torch.mv(wt, xt), sync())) for _ in range(10)))
+  best = min(best, statistics.median(timed(lambda: (torch.mv(wt, xt), sync())) for _ in range(10)))
   return n_bytes / best
+
+
+def random_checkpoint(src: Path, dst: Path) -> Path:
+  """A HF checkpoint with src's config and tokenizer but random weights (where the real weights cannot be
+  copied, e.g. to a remote GPU; fixed-length greedy decoding costs the same whatever the weights)."""
+  import shutil
+  import torch
+  from transformers import AutoConfig, AutoModelForCausalLM
+  if not (dst / "model.safetensors").exists():
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+      if f.is_file() and not f.name.endswith((".safetensors", ".bin")):
+        shutil.copy(f, dst / f.name)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src)).save_pretrained(dst)
+  return dst
 
 
 def main():
@@ -91,6 +122,8 @@ def main():
   ap.add_argument("--new-tokens", type=int, default=128)
   ap.add_argument("--hf-dir", default=None, help="HF checkpoint (default: the cached SmolLM2-135M-Instruct)")
   ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sampler.json"))
+  ap.add_argument("--random-weights", action="store_true",
+                  help="use --hf-dir's config and tokenizer with random weights (e.g. on a remote GPU)")
   ap.add_argument("--no-hf", action="store_true", help="time astro_jax only")
   args = ap.parse_args()
 
@@ -100,9 +133,13 @@ def main():
   dtype = "bfloat16" if on_gpu else "float32"
   reps = args.reps or ([10] * len(args.batches) if on_gpu else [{1: 5, 16: 3}.get(b, 2) for b in args.batches])
   hf_dir = Path(args.hf_dir) if args.hf_dir else assets.smollm2_hf_dir()
+  model_name = "SmolLM2-135M-Instruct"
+  if args.random_weights:
+    hf_dir = random_checkpoint(hf_dir, Path(tempfile.gettempdir()) / "astro_jax_random_smollm2")
+    model_name += " (random weights)"
   device, T = device_name(), args.new_tokens
   print(f"device: {device}; dtype {dtype}; {T} new tokens; jax {jax.__version__}, torch {torch.__version__}; "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average {os.getloadavg()}", flush=True)
 
   tokenizer = Tokenizer.load(hf_dir)
   model = load_hf_model(hf_dir, dtype=dtype, param_dtype=dtype)
@@ -163,13 +200,14 @@ def main():
       roofline = (weight_bytes + kv_bytes) / step_s / bandwidth
       print(f"batch 1: decode step {step_s * 1e3:.2f} ms, {(weight_bytes + kv_bytes) / step_s / 1e9:.1f} GB/s",
             flush=True)
-    rows.append(dict(device=device, model="SmolLM2-135M-Instruct", dtype=dtype, batch=batch, new_tokens=T,
+    rows.append(dict(device=device, model=model_name, dtype=dtype, batch=batch, new_tokens=T,
                      astro_jax_tok_s=round(ours_tok_s, 2), hf_tok_s=None if hf_tok_s is None else round(hf_tok_s, 2),
                      ratio=None if hf_tok_s is None else round(ours_tok_s / hf_tok_s, 3),
-                     roofline_fraction=None if roofline is None else round(roofline, 3)))
+                     roofline_fraction=None if roofline is None else round(roofline, 3), commit=code_version()))
     print(f"batch {batch}: astro_jax {[round(batch * T / t, 1) for t in t_ours]} tok/s, "
           f"hf {[round(batch * T / t, 1) for t in t_hf]} tok/s", flush=True)
 
+  print(f"load average at the end: {os.getloadavg()}")
   print(f"\n{'batch':>5} {'astro_jax tok/s':>16} {'hf tok/s':>9} {'ratio':>6} {'roofline':>8}   ({device}, {dtype})")
   for r in rows:
     fmt = lambda v, f: "-" if v is None else format(v, f)

@@ -19,6 +19,7 @@ from flax import nnx
 
 from astro_jax.checkpoint import load_hf_model
 from astro_jax.model import KVCache, RopeScaling, from_hf_config, preset, to_hf_config
+from astro_jax.model.llama import forward, split_layers
 from astro_jax.model.rope import inverse_frequencies
 
 REL_TOL = 1e-4  # max |Δ| <= REL_TOL * max |logit| over real positions (fp32)
@@ -225,6 +226,31 @@ def test_kv_cache_chunked_prefill_and_decode_match_full_forward(tiny_hf, tiny_mo
   last, _ = tiny_model(jnp.asarray(ids), jnp.asarray(positions), kv_mask,
                        KVCache.zeros(tiny_model.cfg, ids.shape[0], TINY_LEN), last_only=True)
   np.testing.assert_allclose(np.asarray(last)[:, 0], full[:, -1], rtol=0, atol=1e-5 * np.abs(full).max())
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_per_layer_weights_and_cache_match_stacked(tiny_hf, tiny_model, fuse):
+  """The sampler's layout: per-layer weight buffers (with q/k/v fused, query heads grouped by kv head) and a
+  per-layer cache, prefill then one-token decode, give the stacked model's logits."""
+  _, ids, mask, _ = tiny_hf
+  cfg = tiny_model.cfg
+  full = jax_logits(tiny_model, ids, mask)
+  params = jax.jit(lambda p: split_layers(p, fuse=fuse))(tiny_model.weights())
+  layer = params["layers"][0]
+  assert ("wqkv" in layer) == fuse and ("wq" in layer) == (not fuse)
+  positions, kv_mask = jnp.asarray(left_padded_positions(mask)), jnp.asarray(mask, bool)
+  step = jax.jit(lambda p, tokens, pos, cache: forward(cfg, None, p, tokens, pos, kv_mask, cache))
+  cache = KVCache.zeros(cfg, ids.shape[0], TINY_LEN, per_layer=True)
+  pieces = []
+  for a, b in zip([0] + list(range(60, TINY_LEN)), list(range(60, TINY_LEN + 1))):
+    logits, cache = step(params, jnp.asarray(ids[:, a:b]), positions[:, a:b], cache)
+    pieces.append(np.asarray(logits))
+  ours = np.concatenate(pieces, axis=1)
+  real = mask.astype(bool)
+  np.testing.assert_allclose(ours[real], full[real], rtol=0, atol=1e-5 * np.abs(full[real]).max())
+  with pytest.raises(ValueError, match="per-layer"):  # stacked weights cannot use a per-layer cache
+    forward(cfg, None, tiny_model.weights(), jnp.asarray(ids[:, :1]), positions[:, :1], kv_mask,
+            KVCache.zeros(cfg, ids.shape[0], TINY_LEN, per_layer=True))
 
 
 # --- HF config.json <-> ModelConfig ------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ prefill, continuation from a prefix, and the same results on 1 and 8 (simulated)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from astro_jax.model import init_model, preset
+from astro_jax.model.llama import forward
 from astro_jax.sampler import Sampler, SamplingParams, _truncate, stop_automaton
 from astro_jax.tokenizer import Tokenizer
 
@@ -67,10 +69,14 @@ def tiny(tokenizer):
   return model, Sampler(model, tokenizer, max_batch=1024)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(cfg, weights, tokens_BT):
+  return forward(cfg, None, weights, tokens_BT, jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape))[0]
+
+
 def teacher_forced_logprobs(model, prompt: list[int], completion: list[int], temperature: float = 1.0):
   """log softmax(logits / T) of each completion token, from one full forward pass over prompt + completion."""
-  tokens = jnp.asarray([prompt + completion])
-  logits, _ = model(tokens, jnp.arange(tokens.shape[1])[None])
+  logits = _logits(model.cfg, model.weights(), jnp.asarray([prompt + completion]))
   lp = jax.nn.log_softmax(logits[0, len(prompt) - 1:-1] / temperature, axis=-1)
   return np.asarray(jnp.take_along_axis(lp, jnp.asarray(completion)[:, None], axis=-1)[:, 0])
 
@@ -86,9 +92,14 @@ def test_greedy_matches_hf_generate(hf_dir, tokenizer, greedy):
   P = max(map(len, ids))
   input_ids = torch.tensor([[tokenizer.pad_id] * (P - len(x)) + x for x in ids])
   mask = torch.tensor([[0] * (P - len(x)) + [1] * len(x) for x in ids])
-  with torch.no_grad():
-    out = hf.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
-                      return_dict_in_generate=True, output_logits=True, pad_token_id=tokenizer.pad_id)
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)  # torch's thread pool crawls when the CPU is shared (CI runs tests side by side)
+  try:
+    with torch.no_grad():
+      out = hf.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                        return_dict_in_generate=True, output_logits=True, pad_token_id=tokenizer.pad_id)
+  finally:
+    torch.set_num_threads(threads)
   hf_tokens = out.sequences[:, P:].numpy()
   hf_lp = torch.stack(out.logits, 1).log_softmax(-1).numpy()
   for b, c in enumerate(ours):
@@ -249,24 +260,30 @@ def test_n_samples_share_a_prefill_and_are_valid(tiny):
 # --- mesh --------------------------------------------------------------------------------------------------------
 
 SHARDED = """
-import json, numpy as np, jax
+import json, jax
 from astro_jax import assets
-from astro_jax.checkpoint import load_hf_model
+from astro_jax.model import init_model, preset
+from astro_jax.model.llama import forward
 from astro_jax.sampler import Sampler, SamplingParams
 from astro_jax.sharding import Sharder, make_mesh
 from astro_jax.tokenizer import Tokenizer
 assert jax.device_count() == 8
-d = assets.smollm2_hf_dir()
-tok, model = Tokenizer.load(d), load_hf_model(d)
-prompts = ["The capital of France is", "def fib(n):", "Once upon a time, in a land", "1 + 1 ="]
+tok = Tokenizer.load(assets.smollm2_hf_dir())
+model = init_model(preset("tiny"), seed=3)  # heads, kv heads, mlp and vocab all split over tensor=2
+model.embed[...] = model.embed[...] * 40.0  # peaked logits, as in the `tiny` fixture
+prompts = [[1, 17, 42, 99, 7], [1, 5], [1, 300, 200, 100, 50, 25, 12], [1, 2, 3]]
 runs = {}
 for name, mesh in [("single", None), ("d2f2t2", (2, 2, 2)), ("f8", (1, 8, 1))]:
   sharder = None if mesh is None else Sharder.create(make_mesh(*mesh), "sample")
   s = Sampler(model, tok, sharder=sharder)
-  # Same row count, prompt and token buckets: the two calls share one decode program.
-  greedy = s.generate(prompts, SamplingParams(temperature=0, max_new_tokens=24))
-  sampled = s.generate(prompts[:2], SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=24, n=2, seed=4))
+  greedy = s.generate(prompts, SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True))
+  sampled = s.generate(prompts[:2], SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=24, n=3, seed=4,
+                                                   ignore_eos=True))
   runs[name] = [[(c.token_ids, c.model_logprobs) for c in r] for r in greedy + sampled]
+  if name == "d2f2t2":  # really tensor-parallel: the sample rules split the MLP and (fused) kv heads over "tensor"
+    layer = s.params["layers"][0]
+    assert tuple(layer["w_gate"].sharding.spec) == (None, "tensor"), layer["w_gate"].sharding
+    assert tuple(layer["wqkv"].sharding.spec)[1:2] == ("tensor",), layer["wqkv"].sharding
 print(json.dumps(runs))
 """
 
