@@ -298,6 +298,7 @@ class Sampler:
                             static_argnames=("new_slots", "cache_dtype"))
     self._decode = jax.jit(functools.partial(_decode, self.cfg, sharder),
                            static_argnames=("budget", "eos_ids", "pad_id"), donate_argnames=("cache",))
+    self._split_layers = jax.jit(functools.partial(split_layers, fuse=True, sharder=sharder))
     self._token_texts: list[str] | None = None
     self._stop_tables: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
     self.update_weights(model)
@@ -308,8 +309,7 @@ class Sampler:
     if self.sharder is not None:
       params = jax.device_put(params, {name: self.sharder.named(axes, shape)
                                        for name, (shape, axes) in weight_specs(self.cfg).items()})
-    fused_layers = functools.partial(split_layers, fuse=True, sharder=self.sharder)
-    self.params = jax.jit(fused_layers)(params) if self.unroll_layers else params
+    self.params = self._split_layers(params) if self.unroll_layers else params
 
   # -- helpers
   def _stop_table(self, stop: tuple[str, ...]) -> tuple[jax.Array, jax.Array]:

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from astro_jax import assets
 from astro_jax.checkpoint import load_hf_model

@@ -263,7 +263,6 @@ SHARDED = """
 import json, jax
 from astro_jax import assets
 from astro_jax.model import init_model, preset
-from astro_jax.model.llama import forward
 from astro_jax.sampler import Sampler, SamplingParams
 from astro_jax.sharding import Sharder, make_mesh
 from astro_jax.tokenizer import Tokenizer

@@ -243,9 +243,9 @@ def split_layers(params: dict, fuse: bool = False, sharder: Sharder | None = Non
     if fuse:
       D, N, H = w["wq"].shape
       K = w["wk"].shape[1]
-      w["wqkv"] = jnp.concatenate([w.pop("wq").reshape(D, K, N // K, H), w.pop("wk")[:, :, None],
-                                   w.pop("wv")[:, :, None]], axis=2)
-      w["wqkv"] = constrain(sharder, w["wqkv"], WQKV_AXES)
+      wqkv = jnp.concatenate([w.pop("wq").reshape(D, K, N // K, H), w.pop("wk")[:, :, None],
+                              w.pop("wv")[:, :, None]], axis=2)
+      w["wqkv"] = constrain(sharder, wqkv, WQKV_AXES)
     layers.append(w)
   out["layers"] = tuple(layers)
   return out
