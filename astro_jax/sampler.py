@@ -23,10 +23,13 @@ weight and the layer's cache once per step (about 2x slower at batch 1). The cop
 projections into one matmul (`split_layers(fuse=True)`; each matmul pays a fixed cost). It costs one more set
 of weights in memory; `unroll_layers=False` keeps the stacked layout and scans (fast compiles for deep models).
 Where a CPU step goes (profiled on 2 cores): at batch 1, the matmuls stream the weights at ~20-27 GB/s against
-~31 GB/s for one large matrix-vector product, because each of the 121 matmuls waits ~40 us for the second core;
+~31 GB/s for one large matrix-vector product: of the 151 matmuls, those that follow single-threaded work (q/k/v
+after the norm, the output projection after attention) wait 40-70 us for the second core to join;
 at batch 16 and 64 the matmuls run through YNNPACK at ~70 GFLOP/s and attention over the cache takes 25-35%.
 Measured and not worth it there: [out, in] weight layouts, gate/up fusion (-5% at batch 16/64), attention as
-batched dots, and the XLA flags that route dots to Eigen, oneDNN or XNNPACK instead of YNNPACK.
+batched dots, the XLA flags that route dots to Eigen, oneDNN or XNNPACK instead of YNNPACK or reductions away
+from YNNPACK, splitting the [576, 576] output projection (it runs on one core) into two batched halves (<= 5% at
+batch 1, hurts at 64), and attending over a static live prefix of the cache (a strided slice: 30-75% slower).
 
 Stop strings. Inside the loop each row runs one small automaton per stop string over the text of its tokens (a
 host-precomputed [state, token] transition table, like KMP over token texts), so a row stops at the token that

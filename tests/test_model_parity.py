@@ -21,39 +21,12 @@ from astro_jax.checkpoint import load_hf_model
 from astro_jax.model import KVCache, RopeScaling, from_hf_config, preset, to_hf_config
 from astro_jax.model.llama import forward, split_layers
 from astro_jax.model.rope import inverse_frequencies
+from tests.conftest import PROMPTS, TINY_ORIGINAL_CTX, make_tiny_llama31_hf
 
 REL_TOL = 1e-4  # max |Δ| <= REL_TOL * max |logit| over real positions (fp32)
 
-PROMPTS = [
-    "What is 17 times 23? Let's think step by step.",
-    "The capital of France is",
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-    "How many clips did Natalia sell altogether in April and May?",
-    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
-]
-
-TINY_ORIGINAL_CTX = 32
-TINY_LEN = 96          # > 3 x original_max_position_embeddings
+TINY_LEN = 96          # > 3 x original_max_position_embeddings (TINY_ORIGINAL_CTX)
 TINY_PADS = (0, 9, 40)  # left padding per row; row 0 reaches position 95
-
-
-def make_tiny_llama31_hf(out_dir, dtype: torch.dtype = torch.float32, seed: int = 0) -> transformers.LlamaForCausalLM:
-  """A random Llama-3.1-style HF checkpoint (llama3 rope scaling, GQA 4:1, untied head) saved to `out_dir`."""
-  config = transformers.LlamaConfig(
-      vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=8,
-      num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-5,
-      rope_theta=500_000.0, tie_word_embeddings=False, initializer_range=0.08, bos_token_id=1, eos_token_id=2,
-      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": TINY_ORIGINAL_CTX})
-  torch.manual_seed(seed)
-  model = transformers.LlamaForCausalLM(config)
-  with torch.no_grad():  # non-trivial norm weights, so a mix-up of norms cannot go unnoticed
-    for name, p in model.named_parameters():
-      if "norm" in name:
-        p.uniform_(0.5, 1.5)
-  model = model.to(dtype).eval()
-  model.save_pretrained(out_dir)
-  return model
 
 
 def left_padded_positions(mask: np.ndarray) -> np.ndarray:

@@ -124,7 +124,7 @@ def test_eval_stage_end_to_end_and_resume(tmp_path, smollm2_dir):
 
 def test_convert_stage_round_trip(tmp_path):
   import torch
-  from tests.test_model_parity import make_tiny_llama31_hf
+  from tests.conftest import make_tiny_llama31_hf
   hf = tmp_path / "hf"
   make_tiny_llama31_hf(hf)
   stages.get("convert").run(stage_config("convert", input=str(hf), output=str(tmp_path / "ckpt")))
