@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from astro_jax.data import write_text_atomic
 from sampler import code_version, device_name  # benchmarks/sampler.py (this script's directory)
 
 # SmolLM2-135M: D=576, 9 query / 3 kv heads of 64, F=1536, 30 layers, vocab 49152 (tied head).
@@ -115,10 +116,8 @@ def main() -> None:
     print(f"{s['batch']:5d} {s['jax_ms']:8.2f} {s['torch_ms']:9.2f} {s['torch_ms'] / s['jax_ms']:9.2f}")
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps({"device": device, "commit": code_version(), "dtype": "float32", "matmuls": rows,
-                             "steps": steps}, indent=1))
-  tmp.replace(out)
+  write_text_atomic(out, json.dumps({"device": device, "commit": code_version(), "dtype": "float32",
+                                     "matmuls": rows, "steps": steps}, indent=1) + "\n")
   print(f"wrote {out}")
 
 

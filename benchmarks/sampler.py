@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from astro_jax import assets
 from astro_jax.checkpoint import load_hf_model
+from astro_jax.data import write_text_atomic
 from astro_jax.sampler import Sampler, SamplingParams
 from astro_jax.tokenizer import Tokenizer
 
@@ -217,9 +218,7 @@ def main():
   out = Path(args.out)
   kept = [r for r in (json.loads(out.read_text()) if out.exists() else []) if r.get("device") != device]
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_suffix(".tmp")
-  tmp.write_text(json.dumps(kept + rows, indent=1) + "\n")
-  os.replace(tmp, out)
+  write_text_atomic(out, json.dumps(kept + rows, indent=1) + "\n")
   print(f"wrote {out}")
 
 

@@ -22,8 +22,7 @@ from safetensors.torch import save_file
 
 from astro_jax import checkpoint
 from astro_jax.checkpoint import CheckpointError, convert_hf_to_orbax, convert_orbax_to_hf, load_orbax_model
-from tests.conftest import REPO
-from tests.conftest import PROMPTS, make_tiny_llama31_hf
+from tests.conftest import PROMPTS, REPO, make_tiny_llama31_hf
 
 TOKENS = np.random.default_rng(0).integers(3, 512, size=(2, 40))
 
