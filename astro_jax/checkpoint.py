@@ -3,40 +3,64 @@
 HF -> model: each weight is built with `jax.make_array_from_callback`, so every host reads only the shards its
 devices hold, straight from memory-mapped safetensors (peak host memory about one shard of one tensor; works
 multi-host). Model -> HF: tensors are produced one at a time and streamed into sharded safetensors files.
-An Orbax checkpoint directory holds `params/` (Orbax), `model_config.json` and, when known, `tokenizer/`; it
-restores onto any mesh. Every writer validates first, writes into a temporary sibling and renames at the end.
+An Orbax checkpoint directory holds `params/` (Orbax), `model_config.json`, when known `tokenizer/`, and when
+converted from HF the source's `hf_config.json` / `generation_config.json` (so HF -> Orbax -> HF keeps every
+config field); it restores onto any mesh.
+
+Readers validate before reading weights (`inspect_checkpoint`: headers, configs, Orbax metadata) and name the
+file and what is wrong. Writers refuse an existing output unless `overwrite`, write into a temporary sibling
+`.NAME.tmp-<pid>@<host>-*` (leftovers of dead writers are removed by the next write), give every file and
+directory the user's umask modes, and rename at the end.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import os
+import re
+import secrets
 import shutil
+import socket
 import struct
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from astro_jax.errors import UserError
 from astro_jax.model.config import ModelConfig, RopeScaling, from_hf_config, to_hf_config
-from astro_jax.model.llama import LAYER_WEIGHTS, Llama, abstract_model
+from astro_jax.model.llama import LAYER_WEIGHTS, Llama, abstract_model, weight_specs
 from astro_jax.sharding import Sharder, state_shardings
 
 _ST_DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16)}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _TORCH_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 _IGNORED = ("rotary_emb.inv_freq",)  # non-persistent buffers some exporters include
+_MAX_HEADER_BYTES = 100 * 2**20  # the safetensors format's own limit
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja")
+HF_CONFIG_FILE = "hf_config.json"  # inside an Orbax checkpoint: the source's config.json, verbatim
+GENERATION_CONFIG_FILE = "generation_config.json"
 
 
-class CheckpointError(ValueError):
-  """A checkpoint does not match the model it should hold."""
+class CheckpointError(UserError):
+  """A checkpoint is corrupted, incomplete or does not match the model it should hold."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+  """A checkpoint, or a file it needs, does not exist."""
+
+
+class OutputExistsError(UserError, FileExistsError):
+  """The output path exists and overwriting was not asked for."""
 
 
 # --- The one mapping between HF tensor names/layouts and ours -----------------------------------------------
@@ -100,6 +124,38 @@ def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
+# --- small readers that name the file and what is wrong -------------------------------------------------------
+
+def _read_json(path: Path) -> dict:
+  """The JSON object in `path`; a missing, unreadable or invalid file is a CheckpointError naming it."""
+  if not path.is_file():
+    raise CheckpointNotFoundError(f"{path} is missing")
+  try:
+    obj = json.loads(path.read_bytes())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+  except OSError as e:
+    raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+  if not isinstance(obj, dict):
+    raise CheckpointError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+  return obj
+
+
+def _checked_config(path: Path, build: Callable[[], ModelConfig]) -> ModelConfig:
+  """`build()`, with any error from a bad value or a missing key turned into a CheckpointError naming `path`."""
+  try:
+    cfg = build()
+  except KeyError as e:
+    raise CheckpointError(f"{path}: required field {e} is missing") from None
+  except (TypeError, ValueError, ArithmeticError) as e:
+    raise CheckpointError(f"{path}: {e}") from None
+  for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
+    value = getattr(cfg, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      raise CheckpointError(f"{path}: {name} must be a positive integer, found {value!r}")
+  return cfg
+
+
 # --- safetensors, read by mmap and written by streaming (no framework: bf16 via ml_dtypes) -------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -110,19 +166,73 @@ class _TensorRef:
   offset: int  # absolute byte offset of the data in `file`
 
 
+def _tensor_ref(path: Path, name: str, info: Any, data_start: int, data_size: int) -> _TensorRef:
+  """One header entry, checked: known dtype, a shape of non-negative ints, offsets inside the data section
+  that span exactly shape x itemsize bytes."""
+  where = f"{path}: tensor {name}"
+  if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+    raise CheckpointError(f"{where}: header entry must hold dtype, shape and data_offsets, found {info!r:.200}")
+  dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+  if dtype not in _ST_DTYPES:
+    raise CheckpointError(f"{where}: dtype {dtype} is not supported (expected one of {sorted(_ST_DTYPES)})")
+  if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                            for d in shape):
+    raise CheckpointError(f"{where}: bad shape {shape!r:.200} in the header")
+  if (not isinstance(offsets, list) or len(offsets) != 2
+      or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+    raise CheckpointError(f"{where}: bad data_offsets {offsets!r:.200} in the header")
+  begin, end = offsets
+  if not 0 <= begin <= end or end > data_size:
+    raise CheckpointError(f"{where}: data_offsets [{begin}, {end}] lie outside the data section ({data_size} "
+                          f"bytes): the file is truncated or its header is corrupted")
+  need = math.prod(shape) * _ST_DTYPES[dtype].itemsize
+  if end - begin != need:
+    raise CheckpointError(f"{where}: data_offsets [{begin}, {end}] span {end - begin} bytes, but shape "
+                          f"{tuple(shape)} of {dtype} needs {need}")
+  return _TensorRef(path, _ST_DTYPES[dtype], tuple(shape), data_start + begin)
+
+
 def _read_header(path: Path) -> dict[str, _TensorRef]:
-  with open(path, "rb") as f:
-    (n,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(n))
-  refs = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    if info["dtype"] not in _ST_DTYPES:
-      raise CheckpointError(f"{path}: tensor {name}: dtype {info['dtype']} is not supported "
-                            f"(expected one of {sorted(_ST_DTYPES)})")
-    refs[name] = _TensorRef(path, _ST_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + info["data_offsets"][0])
-  return refs
+  """The tensors of one safetensors file, from its header alone, checked against the file's size."""
+  try:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+      prefix = f.read(8)
+      if len(prefix) < 8:
+        raise CheckpointError(f"{path}: file is truncated ({size} bytes; a safetensors file starts with an 8-byte "
+                              f"header length)")
+      (n,) = struct.unpack("<Q", prefix)
+      if n > size - 8:
+        raise CheckpointError(f"{path}: header length {n} is larger than the file ({size} bytes): truncated or "
+                              f"not a safetensors file")
+      if n > _MAX_HEADER_BYTES:
+        raise CheckpointError(f"{path}: header length {n} exceeds the safetensors limit of {_MAX_HEADER_BYTES}")
+      raw = f.read(n)
+  except OSError as e:
+    raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+  try:
+    header = json.loads(raw)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{path}: header is not valid JSON ({e}): corrupted or not a safetensors file") from None
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{path}: header is not a JSON object: corrupted or not a safetensors file")
+  return {name: _tensor_ref(path, name, info, 8 + n, size - 8 - n)
+          for name, info in header.items() if name != "__metadata__"}
+
+
+def _check_index(hf_dir: Path, refs: dict[str, _TensorRef]) -> None:
+  """model.safetensors.index.json, when present, names existing files and where each tensor really is."""
+  index = hf_dir / "model.safetensors.index.json"
+  if not index.exists():
+    return
+  weight_map = _read_json(index).get("weight_map")
+  if not isinstance(weight_map, dict):
+    raise CheckpointError(f"{index}: no weight_map object")
+  for name, fname in weight_map.items():
+    if not (hf_dir / str(fname)).is_file():
+      raise CheckpointNotFoundError(f"{hf_dir / str(fname)} is missing (listed in {index.name} for {name})")
+    if name in refs and refs[name].file.name != fname:
+      raise CheckpointError(f"{index}: maps {name} to {fname}, but it is stored in {refs[name].file.name}")
 
 
 class SafetensorsReader:
@@ -132,10 +242,14 @@ class SafetensorsReader:
     hf_dir = Path(hf_dir)
     files = sorted(hf_dir.glob("*.safetensors"))
     if not files:
-      raise FileNotFoundError(f"no *.safetensors files in {hf_dir}")
+      raise CheckpointNotFoundError(f"no *.safetensors files in {hf_dir}")
     self.refs: dict[str, _TensorRef] = {}
     for f in files:
-      self.refs.update(_read_header(f))
+      for name, ref in _read_header(f).items():
+        if name in self.refs:
+          raise CheckpointError(f"{hf_dir}: tensor {name} is stored twice ({self.refs[name].file.name}, {f.name})")
+        self.refs[name] = ref
+    _check_index(hf_dir, self.refs)
 
   def get(self, name: str) -> np.ndarray:
     ref = self.refs[name]
@@ -167,19 +281,27 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], np.
 
 # --- validation ------------------------------------------------------------------------------------------------
 
-def _declared_dtype(hf_dir: Path) -> str | None:
-  with open(hf_dir / "config.json") as f:
-    hf = json.load(f)
+def _declared(hf: dict) -> str | None:
   return hf.get("torch_dtype") or hf.get("dtype")
+
+
+def _hf_config(hf_dir: Path) -> tuple[dict, ModelConfig]:
+  """config.json as stored, and our config from it (param_dtype: the declared dtype, else float32)."""
+  path = hf_dir / "config.json"
+  raw = _read_json(path)
+  cfg = _checked_config(path, lambda: from_hf_config(raw))
+  declared = _declared(raw)
+  return raw, cfg.replace(param_dtype=declared if declared in _TORCH_DTYPES else "float32")
 
 
 def validate_hf_checkpoint(hf_dir: str | os.PathLike, cfg: ModelConfig,
                            reader: SafetensorsReader | None = None) -> SafetensorsReader:
-  """Every tensor the config needs is present with its shape and one dtype; nothing unexpected is there."""
+  """Every tensor the config needs is present with its shape and one dtype; nothing unexpected is there.
+  Reads headers only."""
   hf_dir = Path(hf_dir)
   reader = reader or SafetensorsReader(hf_dir)
   expected = hf_tensor_shapes(cfg)
-  declared = _declared_dtype(hf_dir)
+  declared = _declared(_read_json(hf_dir / "config.json"))
   want_dtype = _ST_DTYPES.get(_TORCH_DTYPES.get(str(declared), ""), None)
   if want_dtype is None:  # no declared dtype: all tensors must share the first one's dtype
     want_dtype = reader.refs[next(iter(expected))].dtype if next(iter(expected)) in reader.refs else None
@@ -188,9 +310,9 @@ def validate_hf_checkpoint(hf_dir: str | os.PathLike, cfg: ModelConfig,
       raise CheckpointError(f"{hf_dir}: tensor {name} is missing (expected shape {shape})")
     ref = reader.refs[name]
     if ref.shape != shape:
-      raise CheckpointError(f"{hf_dir}: tensor {name}: expected shape {shape}, found {ref.shape}")
+      raise CheckpointError(f"{ref.file}: tensor {name}: expected shape {shape}, found {ref.shape}")
     if want_dtype is not None and ref.dtype != want_dtype:
-      raise CheckpointError(f"{hf_dir}: tensor {name}: expected dtype {want_dtype} (config.json declares "
+      raise CheckpointError(f"{ref.file}: tensor {name}: expected dtype {want_dtype} (config.json declares "
                             f"{declared}), found {ref.dtype}")
   tied_head = cfg.tie_embeddings and _HF_GLOBAL["lm_head"] in reader.refs
   unexpected = [n for n in reader.refs if n not in expected and not n.endswith(_IGNORED)
@@ -199,6 +321,49 @@ def validate_hf_checkpoint(hf_dir: str | os.PathLike, cfg: ModelConfig,
     raise CheckpointError(f"{hf_dir}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
                           f"for {cfg.n_layers} layers")
   return reader
+
+
+# --- checkpoint kinds and the cheap check before loading ------------------------------------------------------
+
+def checkpoint_kind(path: str | os.PathLike) -> str:
+  """"orbax" or "hf"; a missing path or a directory of neither kind is a CheckpointNotFoundError."""
+  path = Path(path)
+  if not path.exists():
+    raise CheckpointNotFoundError(f"checkpoint {path} does not exist")
+  if not path.is_dir():
+    raise CheckpointError(f"checkpoint {path} is a file; expected a checkpoint directory")
+  if (path / "model_config.json").exists() or (path / "params").exists():
+    return "orbax"
+  if (path / "config.json").exists() or any(path.glob("*.safetensors")):
+    return "hf"
+  raise CheckpointNotFoundError(f"{path} is neither an Orbax checkpoint (model_config.json + params/) "
+                                f"nor a HF checkpoint (config.json + *.safetensors)")
+
+
+def _expect_kind(path: Path, kind: str) -> None:
+  found = checkpoint_kind(path)
+  if found != kind:
+    names = {"orbax": "an Orbax checkpoint", "hf": "a HF checkpoint"}
+    raise CheckpointError(f"{path} is {names[found]}, expected {names[kind]}")
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> ModelConfig:
+  """Validate a checkpoint of either kind without reading weights; return its model config.
+
+  HF: config.json, every safetensors header (against the file's size) and every tensor's shape and dtype.
+  Orbax: model_config.json, the stored config files, and params/ metadata against the expected shapes/dtypes.
+  """
+  path = Path(path)
+  if checkpoint_kind(path) == "orbax":
+    cfg = load_orbax_config(path)
+    hf_extras(path)
+    _check_orbax_params(path, cfg, _orbax_metadata(_orbax_params(path)))
+    return cfg
+  _, cfg = _hf_config(path)
+  validate_hf_checkpoint(path, cfg)
+  if (path / GENERATION_CONFIG_FILE).exists():
+    _read_json(path / GENERATION_CONFIG_FILE)
+  return cfg
 
 
 # --- HF -> model ----------------------------------------------------------------------------------------------
@@ -213,11 +378,11 @@ def load_hf_model(hf_dir: str | os.PathLike, *, sharder: Sharder | None = None, 
                   param_dtype: str | None = None, **cfg_overrides) -> Llama:
   """Our model from a HF Llama checkpoint directory; each device's shard is read straight from disk."""
   hf_dir = Path(hf_dir)
-  cfg = from_hf_config(hf_dir, **cfg_overrides)
-  declared = _declared_dtype(hf_dir)
-  param_dtype = param_dtype or (declared if declared in _TORCH_DTYPES else "float32")
-  cfg = cfg.replace(param_dtype=param_dtype, dtype=dtype or cfg.dtype)
+  _expect_kind(hf_dir, "hf")
+  _, cfg = _hf_config(hf_dir)
+  cfg = cfg.replace(**cfg_overrides)
   reader = validate_hf_checkpoint(hf_dir, cfg)
+  cfg = cfg.replace(param_dtype=param_dtype or cfg.param_dtype, dtype=dtype or cfg.dtype)
   return model_from_tensors(cfg, reader.get, sharder)
 
 
@@ -262,74 +427,88 @@ def _hf_producer(model: Llama) -> Callable[[str], np.ndarray]:
   return produce
 
 
-@contextmanager
-def _atomic_dir(out: Path) -> Iterator[Path]:
-  """Yield a temporary sibling directory; on success it replaces `out` (an existing `out` is kept until then)."""
-  out = Path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-  try:
-    yield tmp
-    if out.exists():
-      old = out.with_name(f".{out.name}.old-{os.getpid()}")
-      os.replace(out, old)
-      os.replace(tmp, out)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, out)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+def _tokenizer_files(src: Path) -> list[str]:
+  names = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+  if not names:
+    raise CheckpointNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {src}")
+  return names
 
 
 def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
   src, dst = Path(src), Path(dst)
-  copied = []
-  for name in TOKENIZER_FILES:
-    if (src / name).exists():
-      dst.mkdir(parents=True, exist_ok=True)
-      shutil.copy2(src / name, dst / name)
-      copied.append(name)
-  if not copied:
-    raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {src}")
-  return copied
+  names = _tokenizer_files(src)
+  dst.mkdir(parents=True, exist_ok=True)
+  for name in names:
+    shutil.copyfile(src / name, dst / name)
+  return names
 
 
-def save_hf(model: Llama, out_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
-            max_shard_bytes: int = 5 * 2**30) -> Path:
-  """Write `model` as a HF checkpoint: sharded safetensors (+ index), config, generation config, tokenizer."""
-  if jax.process_count() > 1:
-    raise NotImplementedError("HF export runs in a single process; restore the Orbax checkpoint on one host")
-  cfg = model.cfg
+# Fields of to_hf_config that are defaults rather than facts about the model: a source checkpoint's values win.
+_SOURCE_KEEPS = ("initializer_range", "attention_dropout", "use_cache")
+
+
+def merged_hf_config(cfg: ModelConfig, source: dict | None = None) -> dict:
+  """config.json for `cfg`: the source checkpoint's fields (pad_token_id, anything else) updated by ours."""
+  ours = to_hf_config(cfg, torch_dtype=cfg.param_dtype)
+  source = dict(source or {})
+  for key in _SOURCE_KEEPS:
+    if key in source:
+      ours.pop(key, None)
+  merged = {**source, **ours}
+  if "dtype" in source:  # the transformers-5 spelling of torch_dtype
+    merged["dtype"] = cfg.param_dtype
+  return merged
+
+
+def _generation_config(cfg: ModelConfig) -> dict:
+  eos = list(cfg.eos_token_ids)
+  return {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos, "do_sample": False,
+          "transformers_version": "5.0.0"}
+
+
+def _shard_plan(cfg: ModelConfig, max_shard_bytes: int) -> list[list[tuple[str, tuple[int, ...], np.dtype]]]:
+  """Tensors in HF order, cut into files of at most `max_shard_bytes` (a larger tensor gets a file alone)."""
   dtype = np.dtype(cfg.jnp_param_dtype)
-  plan = [(name, shape, dtype) for name, shape in hf_tensor_shapes(cfg).items()]
   files, current, size = [], [], 0
-  for item in plan:
-    nbytes = int(np.prod(item[1])) * dtype.itemsize
+  for name, shape in hf_tensor_shapes(cfg).items():
+    nbytes = math.prod(shape) * dtype.itemsize
     if current and size + nbytes > max_shard_bytes:
       files.append(current)
       current, size = [], 0
-    current.append(item)
+    current.append((name, shape, dtype))
     size += nbytes
   files.append(current)
+  return files
+
+
+def save_hf(model: Llama, out_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
+            max_shard_bytes: int = 5 * 2**30, hf_config: dict | None = None, generation_config: dict | None = None,
+            overwrite: bool = False) -> Path:
+  """Write `model` as a HF checkpoint: sharded safetensors (+ index), config, generation config, tokenizer.
+
+  `hf_config` / `generation_config`: the source checkpoint's files, kept (config.json updated by our fields).
+  """
+  if jax.process_count() > 1:
+    raise NotImplementedError("HF export runs in a single process; restore the Orbax checkpoint on one host")
+  prepare_output(out_dir, overwrite)
+  cfg = model.cfg
+  files = _shard_plan(cfg, max_shard_bytes)
   produce = _hf_producer(model)
-  with _atomic_dir(Path(out_dir)) as tmp:
+  with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
     if tokenizer_dir is not None:
       copy_tokenizer(tokenizer_dir, tmp)
     names = (["model.safetensors"] if len(files) == 1 else
              [f"model-{k + 1:05d}-of-{len(files):05d}.safetensors" for k in range(len(files))])
-    weight_map = {}
+    weight_map, total = {}, 0
     for fname, tensors in zip(names, files):
       _write_safetensors(tmp / fname, tensors, produce)
       weight_map.update({t[0]: fname for t in tensors})
+      total += sum(math.prod(s) * d.itemsize for _, s, d in tensors)
     if len(files) > 1:
-      total = sum(int(np.prod(s)) * dtype.itemsize for _, s, _ in plan)
       _write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total},
                                                         "weight_map": weight_map})
-    _write_json(tmp / "config.json", to_hf_config(cfg, torch_dtype=cfg.param_dtype))
-    eos = list(cfg.eos_token_ids)
-    _write_json(tmp / "generation_config.json", {"bos_token_id": cfg.bos_token_id,
-                                                 "eos_token_id": eos[0] if len(eos) == 1 else eos,
-                                                 "do_sample": False, "transformers_version": "5.0.0"})
+    _write_json(tmp / "config.json", merged_hf_config(cfg, hf_config))
+    _write_json(tmp / GENERATION_CONFIG_FILE, generation_config or _generation_config(cfg))
   return Path(out_dir)
 
 
@@ -337,6 +516,141 @@ def _write_json(path: Path, obj) -> None:
   with open(path, "w") as f:
     json.dump(obj, f, indent=2)
     f.write("\n")
+
+
+# --- writing outputs: never replace unasked, temporary siblings, leftovers of killed writers, umask modes ------
+
+_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+
+
+def _sibling_prefix(out: Path, kind: str) -> str:
+  """`.NAME.tmp-<pid>@<host>-` (or `.old-`): the owner of a leftover stays recoverable after a kill."""
+  return f".{out.name}.{kind}-{os.getpid()}@{_HOST}-"
+
+
+def _leftover_owner(out: Path, name: str) -> tuple[str, int, str] | None:
+  """(kind, pid, host) when `name` is a temporary sibling of `out`."""
+  match = re.fullmatch(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)@(.+)-[A-Za-z0-9_]+", name)
+  return (match.group(1), int(match.group(2)), match.group(3)) if match else None
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except (OSError, OverflowError):  # PermissionError: another user's live process; odd pids: keep the files
+    return True
+  return True
+
+
+def _remove(path: Path) -> None:
+  if path.is_dir() and not path.is_symlink():
+    shutil.rmtree(path, ignore_errors=True)
+  else:
+    path.unlink(missing_ok=True)
+
+
+def _output_path(out: str | os.PathLike) -> Path:
+  """`out` as a normalized absolute path that names an entry of a parent directory."""
+  path = Path(os.path.abspath(out))
+  if not path.name:
+    raise UserError(f"cannot write a checkpoint to {out}: name a directory to create")
+  return path
+
+
+def remove_stale_leftovers(out: str | os.PathLike) -> list[Path]:
+  """Clear temporary siblings of `out` whose writer (on this host) no longer runs, e.g. after a SIGKILL.
+
+  A `.old-` sibling whose writer died between moving `out` aside and moving the new output in is the previous
+  output: it is moved back to `out`. Returns what was removed or restored.
+  """
+  out = _output_path(out)
+  try:
+    entries = sorted(out.parent.iterdir())
+  except (FileNotFoundError, NotADirectoryError):
+    return []
+  handled = []
+  for entry in entries:
+    owner = _leftover_owner(out, entry.name)
+    if owner is None or owner[2] != _HOST or owner[1] == os.getpid() or _pid_alive(owner[1]):
+      continue
+    if owner[0] == "old" and not (out.exists() or out.is_symlink()):
+      os.replace(entry, out)
+    else:
+      _remove(entry)
+    handled.append(entry)
+  return handled
+
+
+def prepare_output(out: str | os.PathLike, overwrite: bool = False, *, hint: str = "--overwrite") -> Path:
+  """Call before any work: clears dead writers' leftovers, then refuses an existing file or directory at `out`
+  unless `overwrite` (`hint` says how to ask for it)."""
+  out = _output_path(out)
+  remove_stale_leftovers(out)
+  if not overwrite and (out.exists() or out.is_symlink()):
+    kind = "directory" if out.is_dir() else "file"
+    raise OutputExistsError(f"{out} already exists (a {kind}); pass {hint} to replace it")
+  return out
+
+
+def _umask() -> int:
+  """The process umask, read without changing it (Linux), else once by setting and restoring it."""
+  try:
+    for line in Path("/proc/self/status").read_text().splitlines():
+      if line.startswith("Umask:"):
+        return int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  return _umask_fallback()
+
+
+@functools.cache
+def _umask_fallback() -> int:
+  old = os.umask(0o077)  # restrictive for the instant it is set
+  os.umask(old)
+  return old
+
+
+def apply_umask(root: str | os.PathLike) -> None:
+  """Give `root` and everything under it the modes plain mkdir/open give (0777/0666 less the umask): mkdtemp
+  makes 0700 directories, and some writers (tempfile, safetensors) make 0600 files."""
+  mask = _umask()
+  modes = {True: 0o777 & ~mask, False: 0o666 & ~mask}
+  os.chmod(root, modes[True])
+  for base, dirs, files in os.walk(root):
+    for name in dirs + files:
+      path = os.path.join(base, name)
+      if not os.path.islink(path):
+        os.chmod(path, modes[name in dirs])
+
+
+@contextmanager
+def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False,
+                      hint: str = "--overwrite") -> Iterator[Path]:
+  """Yield a temporary sibling directory; on success it gets umask modes and becomes `out`.
+
+  An existing `out` is refused unless `overwrite`, and then kept until the new output is complete. On any error
+  the temporary directory is removed; if the process is killed, the next write to `out` removes it.
+  """
+  out = _output_path(out)
+  prepare_output(out, overwrite, hint=hint)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=_sibling_prefix(out, "tmp"), dir=out.parent))
+  try:
+    yield tmp
+    apply_umask(tmp)
+    prepare_output(out, overwrite, hint=hint)  # nothing appeared meanwhile
+    if out.exists() or out.is_symlink():
+      old = out.with_name(_sibling_prefix(out, "old") + secrets.token_hex(4))
+      os.replace(out, old)
+      os.replace(tmp, out)
+      _remove(old)
+    else:
+      os.replace(tmp, out)
+  finally:
+    if tmp.exists():
+      _remove(tmp)
 
 
 # --- Orbax ------------------------------------------------------------------------------------------------------
@@ -357,24 +671,143 @@ def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
   return (Path(path) / "model_config.json").exists() and (Path(path) / "params").is_dir()
 
 
-def save_orbax(model: Llama, out_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None) -> Path:
-  """Write params (Orbax), model_config.json and the tokenizer into `out_dir`, atomically."""
+def save_orbax(model: Llama, out_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
+               hf_config: dict | None = None, generation_config: dict | None = None, overwrite: bool = False) -> Path:
+  """Write params (Orbax), model_config.json, the tokenizer and the source's HF config files, atomically."""
   import orbax.checkpoint as ocp
   out_dir = Path(out_dir).absolute()
+  prepare_output(out_dir, overwrite)
   state = nnx.state(model, nnx.Param)
-  with _atomic_dir(out_dir) as tmp:
+  with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(tmp / "params", nnx.to_pure_dict(state))
       ckptr.wait_until_finished()
     _write_json(tmp / "model_config.json", _config_to_json(model.cfg))
+    for name, obj in ((HF_CONFIG_FILE, hf_config), (GENERATION_CONFIG_FILE, generation_config)):
+      if obj is not None:
+        _write_json(tmp / name, obj)
     if tokenizer_dir is not None:
       copy_tokenizer(tokenizer_dir, tmp / "tokenizer")
   return out_dir
 
 
 def load_orbax_config(ckpt_dir: str | os.PathLike) -> ModelConfig:
-  with open(Path(ckpt_dir) / "model_config.json") as f:
-    return _config_from_json(json.load(f))
+  path = Path(ckpt_dir) / "model_config.json"
+  raw = _read_json(path)
+  return _checked_config(path, lambda: _config_from_json(raw))
+
+
+def hf_extras(ckpt_dir: str | os.PathLike) -> tuple[dict | None, dict | None]:
+  """The source HF checkpoint's config.json and generation_config.json kept in an Orbax checkpoint, if any."""
+  paths = (Path(ckpt_dir) / HF_CONFIG_FILE, Path(ckpt_dir) / GENERATION_CONFIG_FILE)
+  hf, generation = (_read_json(p) if p.exists() else None for p in paths)
+  return hf, generation
+
+
+def _orbax_params(ckpt_dir: Path) -> Path:
+  params = Path(ckpt_dir).absolute() / "params"
+  if not params.is_dir():
+    raise CheckpointNotFoundError(f"{params} is missing (an Orbax checkpoint holds params/ and model_config.json)")
+  return params
+
+
+# tensorstore reports storage problems as ValueError("<STATUS>: ...").
+_STORAGE_STATUS = re.compile(r"(NOT_FOUND|OUT_OF_RANGE|DATA_LOSS|FAILED_PRECONDITION|INVALID_ARGUMENT|UNKNOWN|"
+                             r"INTERNAL|PERMISSION_DENIED|UNAVAILABLE|ABORTED|RESOURCE_EXHAUSTED): ")
+
+
+def _storage_cause(error: BaseException) -> str | None:
+  """One line: the innermost storage error (tensorstore status, missing file, bad JSON) behind `error`."""
+  found, seen, e = None, set(), error
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if (isinstance(e, (FileNotFoundError, json.JSONDecodeError))
+        or (isinstance(e, (ValueError, OSError)) and _STORAGE_STATUS.match(str(e)))):
+      found = e
+    e = e.__cause__ or e.__context__
+  if found is None:
+    return None
+  return " ".join(str(found).split(" [tensorstore_spec")[0].split())[:500]
+
+
+@contextmanager
+def _orbax_errors(params: Path) -> Iterator[None]:
+  """Storage errors raised by Orbax/tensorstore become one CheckpointError naming the checkpoint."""
+  _drop_closed_loop_reports()
+  try:
+    yield
+  except CheckpointError:
+    raise
+  except Exception as e:  # noqa: BLE001 (re-raised unless it is a storage error)
+    cause = _storage_cause(e)
+    if cause is None:
+      raise
+    raise CheckpointError(f"{params}: Orbax checkpoint is corrupted or incomplete: {cause}") from e
+
+
+def _is_orbax_teardown_report(unraisable) -> bool:
+  """After a failed read, tensorstore callbacks that complete late find Orbax's event loop closed ("Event loop is
+  closed"), and Orbax's unfinished read coroutines, closed when collected, re-raise their GeneratorExit."""
+  error = unraisable.exc_value
+  if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+    return True
+  code = getattr(unraisable.object, "cr_code", None)
+  return code is not None and "orbax" in code.co_filename and isinstance(error.__cause__, GeneratorExit)
+
+
+def _drop_closed_loop_reports() -> None:
+  """Orbax's teardown after a failed read reports through sys.unraisablehook, a traceback each: drop exactly
+  those reports, pass on the rest."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_drops_orbax_teardown", False):
+    return
+
+  def hook(unraisable) -> None:
+    if not _is_orbax_teardown_report(unraisable):
+      previous(unraisable)
+
+  hook._drops_orbax_teardown = True
+  sys.unraisablehook = hook
+
+
+def _orbax_metadata(params: Path) -> dict[str, Any]:
+  """name -> array metadata (shape, dtype) of params/, from Orbax's metadata files (no weights are read)."""
+  import orbax.checkpoint as ocp
+  from etils import epath
+  meta = _read_json(params / "_METADATA")
+  if meta.get("use_ocdbt") and not (params / "manifest.ocdbt").is_file():
+    raise CheckpointNotFoundError(f"{params / 'manifest.ocdbt'} is missing (the Orbax checkpoint is incomplete)")
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    with _orbax_errors(params):
+      tree = handler.metadata(epath.Path(params))
+  finally:
+    handler.close()
+  try:
+    return {name: tree[name] for name in tree.keys()}
+  except (AttributeError, TypeError, KeyError):
+    raise CheckpointError(f"{params}: Orbax metadata is not a flat tree of arrays") from None
+
+
+def _check_orbax_params(ckpt_dir: Path, cfg: ModelConfig, found: dict[str, Any]) -> None:
+  """params/ holds exactly the model's weights, each with its shape and param_dtype."""
+  where, want_dtype = Path(ckpt_dir) / "params", np.dtype(cfg.jnp_param_dtype)
+  expected = {name: shape for name, (shape, _) in weight_specs(cfg).items()}
+  for name, shape in expected.items():
+    if name not in found:
+      raise CheckpointError(f"{where}: tensor {name} is missing (expected shape {shape})")
+    got_shape, got_dtype = getattr(found[name], "shape", None), getattr(found[name], "dtype", None)
+    if got_shape is None or got_dtype is None:
+      raise CheckpointError(f"{where}: {name} is not an array ({type(found[name]).__name__})")
+    if tuple(got_shape) != tuple(shape):
+      raise CheckpointError(f"{where}: tensor {name}: expected shape {tuple(shape)}, found {tuple(got_shape)}")
+    if np.dtype(got_dtype) != want_dtype:
+      raise CheckpointError(f"{where}: tensor {name}: expected dtype {want_dtype} (model_config.json), "
+                            f"found {np.dtype(got_dtype)}")
+  unexpected = sorted(set(found) - set(expected))
+  if unexpected:
+    raise CheckpointError(f"{where}: unexpected tensors {unexpected[:5]} (model_config.json: "
+                          f"tie_embeddings={cfg.tie_embeddings})")
 
 
 def load_orbax_model(ckpt_dir: str | os.PathLike, *, sharder: Sharder | None = None, dtype: str | None = None,
@@ -382,9 +815,12 @@ def load_orbax_model(ckpt_dir: str | os.PathLike, *, sharder: Sharder | None = N
   """Restore an Orbax checkpoint onto `sharder`'s mesh (any mesh shape) or one device."""
   import orbax.checkpoint as ocp
   ckpt_dir = Path(ckpt_dir).absolute()
+  _expect_kind(ckpt_dir, "orbax")
   cfg = load_orbax_config(ckpt_dir).replace(**cfg_overrides)
   if dtype:
     cfg = cfg.replace(dtype=dtype)
+  params = _orbax_params(ckpt_dir)
+  _check_orbax_params(ckpt_dir, cfg, _orbax_metadata(params))
   graphdef, abs_state = nnx.split(abstract_model(cfg, sharder))
   if sharder is None:
     shardings = jax.tree.map(lambda _: _default_sharding(None, None, None), abs_state, is_leaf=_is_variable)
@@ -394,10 +830,8 @@ def load_orbax_model(ckpt_dir: str | os.PathLike, *, sharder: Sharder | None = N
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, shardings,
                         is_leaf=_is_variable)
   target = nnx.to_pure_dict(target)
-  with ocp.StandardCheckpointer() as ckptr:
-    meta = ckptr.metadata(ckpt_dir / "params")
-    _check_orbax_shapes(ckpt_dir, target, meta)
-    restored = ckptr.restore(ckpt_dir / "params", target)
+  with ocp.StandardCheckpointer() as ckptr, _orbax_errors(params):
+    restored = ckptr.restore(params, target)
   nnx.replace_by_pure_dict(abs_state, restored)
   return nnx.merge(graphdef, abs_state)
 
@@ -406,32 +840,12 @@ def _is_variable(x) -> bool:
   return isinstance(x, nnx.Variable)
 
 
-def _check_orbax_shapes(ckpt_dir: Path, target: dict, meta) -> None:
-  tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
-  try:
-    found = {k: v for k, v in tree.items()}
-  except AttributeError:
-    return
-  for name, want in target.items():
-    if name not in found:
-      raise CheckpointError(f"{ckpt_dir}: tensor {name} is missing (expected shape {want.shape})")
-    got = found[name]
-    if tuple(got.shape) != tuple(want.shape):
-      raise CheckpointError(f"{ckpt_dir}: tensor {name}: expected shape {tuple(want.shape)}, found {tuple(got.shape)}")
-    if np.dtype(got.dtype) != np.dtype(want.dtype):
-      raise CheckpointError(f"{ckpt_dir}: tensor {name}: expected dtype {np.dtype(want.dtype)}, "
-                            f"found {np.dtype(got.dtype)}")
-
-
 def load_model(path: str | os.PathLike, *, sharder: Sharder | None = None, dtype: str | None = None,
                **cfg_overrides) -> Llama:
   """Either checkpoint kind: an Orbax directory written by `save_orbax`, or a HF directory."""
-  if is_orbax_checkpoint(path):
+  if checkpoint_kind(path) == "orbax":
     return load_orbax_model(path, sharder=sharder, dtype=dtype, **cfg_overrides)
-  if (Path(path) / "config.json").exists():
-    return load_hf_model(path, sharder=sharder, dtype=dtype, **cfg_overrides)
-  raise FileNotFoundError(f"{path} is neither an Orbax checkpoint (model_config.json + params/) "
-                          f"nor a HF checkpoint (config.json + *.safetensors)")
+  return load_hf_model(path, sharder=sharder, dtype=dtype, **cfg_overrides)
 
 
 def tokenizer_dir_of(path: str | os.PathLike) -> Path | None:
@@ -445,14 +859,29 @@ def tokenizer_dir_of(path: str | os.PathLike) -> Path | None:
 # --- conversions (tools and the `convert` stage) -----------------------------------------------------------------
 
 def convert_hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str | None = None,
-                        sharder: Sharder | None = None) -> Path:
+                        sharder: Sharder | None = None, overwrite: bool = False) -> Path:
+  """HF -> Orbax, keeping the source's config.json and generation_config.json for the way back."""
+  hf_dir = Path(hf_dir)
+  prepare_output(out_dir, overwrite)
+  _expect_kind(hf_dir, "hf")
+  source, _ = _hf_config(hf_dir)
+  generation_path = hf_dir / GENERATION_CONFIG_FILE
+  generation = _read_json(generation_path) if generation_path.exists() else None
   model = load_hf_model(hf_dir, sharder=sharder, param_dtype=dtype)
-  tok = tokenizer_dir_of(hf_dir)
-  return save_orbax(model, out_dir, tokenizer_dir=tok)
+  return save_orbax(model, out_dir, tokenizer_dir=tokenizer_dir_of(hf_dir), hf_config=source,
+                    generation_config=generation, overwrite=overwrite)
 
 
 def convert_orbax_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                        tokenizer_dir: str | os.PathLike | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
+                        tokenizer_dir: str | os.PathLike | None = None, max_shard_bytes: int = 5 * 2**30,
+                        overwrite: bool = False) -> Path:
+  """Orbax -> HF; config.json is the source's (when the checkpoint came from HF) updated by our fields."""
+  ckpt_dir = Path(ckpt_dir)
+  prepare_output(out_dir, overwrite)
+  _expect_kind(ckpt_dir, "orbax")
+  if tokenizer_dir is not None:
+    _tokenizer_files(Path(tokenizer_dir))
+  source, generation = hf_extras(ckpt_dir)
   model = load_orbax_model(ckpt_dir)
-  tok = tokenizer_dir or tokenizer_dir_of(ckpt_dir)
-  return save_hf(model, out_dir, tokenizer_dir=tok, max_shard_bytes=max_shard_bytes)
+  return save_hf(model, out_dir, tokenizer_dir=tokenizer_dir or tokenizer_dir_of(ckpt_dir),
+                 max_shard_bytes=max_shard_bytes, hf_config=source, generation_config=generation, overwrite=overwrite)

@@ -5,10 +5,13 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+from astro_jax.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -17,7 +20,7 @@ BENCHMARKS = {"math500": "math500.jsonl", "amc23": "amc23.jsonl", "aime24": "aim
               "gsm8k": "gsm8k_test.jsonl"}
 
 
-class DataError(ValueError):
+class DataError(UserError):
   """A malformed data file; the message starts with `file:line:`."""
 
 
@@ -100,10 +103,14 @@ def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]
 
 
 def write_text_atomic(path: str | os.PathLike, text: str | Iterable[str]) -> None:
-  """Write text (or chunks of it) to a temporary sibling, fsync, then rename over `path`."""
+  """Write text (or chunks of it) to a temporary sibling, fsync, then rename over `path`. The file gets the mode
+  the user's umask gives; temporary siblings left by a killed writer are removed."""
   path = Path(path)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  prefix = f".{path.name}.tmp-"
+  remove_stale_siblings(path.parent, prefix)
+  fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", dir=path.parent)
   try:
+    os.fchmod(fd, 0o666 & ~UMASK)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
       for chunk in ([text] if isinstance(text, str) else text):
         f.write(chunk)
@@ -114,6 +121,44 @@ def write_text_atomic(path: str | os.PathLike, text: str | Iterable[str]) -> Non
     Path(tmp).unlink(missing_ok=True)
     raise
   _fsync_dir(path.parent)
+
+
+def _read_umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+UMASK = _read_umask()  # read once at import (setting it is process-wide); new files get 0o666 & ~UMASK
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def remove_stale_siblings(directory: str | os.PathLike, prefix: str) -> list[Path]:
+  """Remove `prefix<pid>-*` files and folders in `directory` whose writer (process pid) is gone: what a killed
+  atomic writer leaves behind. Returns what was removed."""
+  removed = []
+  try:
+    entries = list(Path(directory).iterdir())
+  except FileNotFoundError:
+    return removed
+  for entry in entries:
+    pid = entry.name[len(prefix):].split("-", 1)[0] if entry.name.startswith(prefix) else ""
+    if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+      if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+      else:
+        entry.unlink(missing_ok=True)
+      removed.append(entry)
+  return removed
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -162,6 +207,12 @@ def read_jsonl_rows(path: str | os.PathLike, *, missing_ok: bool = False,
                    torn_tail_ok: bool = True) -> list[dict[str, Any]]:
   """Rows of a JSONL file. With `torn_tail_ok` (files written by `append_jsonl`), an unterminated last line that
   does not parse (a run killed mid-write) is dropped; any other malformed line raises DataError at `file:line`."""
+  return [row for _, row in read_jsonl_lines(path, missing_ok=missing_ok, torn_tail_ok=torn_tail_ok)]
+
+
+def read_jsonl_lines(path: str | os.PathLike, *, missing_ok: bool = False,
+                     torn_tail_ok: bool = True) -> list[tuple[int, dict[str, Any]]]:
+  """(line number, row) for every row of a JSONL file, as `read_jsonl_rows`."""
   try:
     data = Path(path).read_bytes()
   except FileNotFoundError:
@@ -182,5 +233,5 @@ def read_jsonl_rows(path: str | os.PathLike, *, missing_ok: bool = False,
       raise DataError(f"{os.fspath(path)}:{lineno}: invalid JSON: {e}") from None
     if not isinstance(row, dict):
       raise DataError(f"{os.fspath(path)}:{lineno}: expected a JSON object, got {type(row).__name__}")
-    rows.append(row)
+    rows.append((lineno, row))
   return rows

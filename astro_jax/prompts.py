@@ -26,7 +26,8 @@ def math_messages(problem: str, system: str | None = None) -> list[dict[str, str
   return messages + [{"role": "user", "content": f"{problem.strip()}\n\n{ASTRO_INSTRUCTION}"}]
 
 
-def _check(messages: Sequence[Mapping[str, Any]]) -> None:
+def check_messages(messages: Sequence[Mapping[str, Any]]) -> None:
+  """ValueError naming the first message that lacks a known role or string content."""
   for i, m in enumerate(messages):
     if m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
       raise ValueError(f"message {i} needs a role in {_ROLES} and string content, got {dict(m)!r}")
@@ -38,7 +39,7 @@ def llama3_chat(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bo
   <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>
   <|start_header_id|>assistant<|end_header_id|>\n\n   (the generation prompt; no newlines between turns)
   """
-  _check(messages)
+  check_messages(messages)
   turns = "".join(f"{START_HEADER}{m['role']}{END_HEADER}\n\n{m['content'].strip()}{EOT}" for m in messages)
   prompt = f"{START_HEADER}assistant{END_HEADER}\n\n" if add_generation_prompt else ""
   return (BEGIN_OF_TEXT if bos else "") + turns + prompt
@@ -64,7 +65,7 @@ def render_chat(messages: Sequence[Mapping[str, Any]], chat_template: str | None
 
   `special` / `special_tokens` (e.g. bos_token="<s>", eos_token=...) are passed to the template as variables.
   """
-  _check(messages)
+  check_messages(messages)
   if not chat_template:
     return llama3_chat(messages, add_generation_prompt=add_generation_prompt)
   variables = {**(special or {}), **special_tokens}

@@ -1,9 +1,11 @@
 """Batched autoregressive sampling with a preallocated KV cache: prompts -> completions.
 
-One `generate` call: prompts are tokenized, sorted by length and cut into batches of at most `max_batch` rows
-(a row = one of the n samples of a prompt). Per batch:
+One `sample` call takes a list of `Request`s (a prompt's token ids, its `SamplingParams` and a key; `generate` is
+the same for prompts that share their params). Rows (a row = one of the n samples of a request) with the same stop
+set share decodes: they are sorted by prompt length and cut into batches of at most `max_batch` rows, each row with
+its own temperature, top-p, top-k and token budget. Per batch:
 
-  prefill  (jit)  the batch's distinct prompts, left-padded to a bucketed length P, fill a cache of P slots; the
+  prefill  (jit)  the batch's distinct prompts (identical prompts of different requests are one), left-padded to a bucketed length P, fill a cache of P slots; the
                   cache is padded to P + N slots (N = bucketed token budget) and each prompt's rows are gathered
                   from it, so the n samples of a prompt share one prefill. Logits only at the last position.
   decode   (jit)  one `lax.while_loop` samples a token per row per step until every row has stopped; the cache is
@@ -11,8 +13,11 @@ One `generate` call: prompts are tokenized, sorted by length and cut into batche
   host            detokenize, cut exactly at the first stop string, build `Completion`s.
 
 Shapes are bucketed (powers of two: rows, distinct prompts, P, N, stop tables) so that few programs compile.
-Each row draws its randomness from its own stream, fold_in(fold_in(key(seed), row), step) with
-row = prompt_index * n + sample_index, so results do not depend on batching, padding or the mesh. On a mesh
+Randomness. Each row draws from its own stream, fold_in(fold_in(fold_in(key(0), hi), lo), step), where (hi, lo) is a
+64-bit hash of (seed, the request's key, sample index) and the key is a stable identity the caller gives (an input
+row index, a problem id, (round, tree, node) for MCTS). Never a position in a batch or call: results do not depend
+on batching, padding, the mesh or where a run resumed, and identical prompts with different keys get different
+samples. On a mesh
 the weights follow the "sample" rules (the Sharder given) and rows are split over the batch axes (data x fsdp);
 row counts are padded to a multiple of that.
 
@@ -47,8 +52,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import math
-from typing import NamedTuple, Sequence
+import time
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +80,7 @@ class SamplingParams:
     to expand one reasoning step at a time.
   include_stop_str: keep the stop string at the end of `Completion.text` (default: cut just before it).
   ignore_eos: do not stop on EOS ids (EOS may still be sampled; benchmarks: always produce max_new_tokens).
-  seed: with the row index and step, the only source of randomness (same seed -> same samples).
+  seed: with the request's key, the sample index and the step, the only source of randomness.
   """
   temperature: float = 1.0
   top_p: float = 1.0
@@ -85,11 +93,38 @@ class SamplingParams:
   seed: int = 0
 
   def __post_init__(self):
-    if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_new_tokens < 1 or self.n < 1:
-      raise ValueError(f"invalid {self}")
     object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
-    if any(not s for s in self.stop):
-      raise ValueError("stop strings must be non-empty")
+    problems = sampling_problems(self)
+    if problems:
+      raise ValueError("invalid sampling settings: " + "; ".join(f"{k} {why}" for k, why in problems.items()))
+
+
+def sampling_problems(params) -> dict[str, str]:
+  """{field: what is wrong} for sampling settings (a SamplingParams or anything with its fields, e.g. a config)."""
+  checks = {"temperature": (params.temperature >= 0, "must be >= 0 (0 = greedy)"),
+            "top_p": (0 < params.top_p <= 1, "must be in (0, 1]"),
+            "top_k": (params.top_k >= 0, "must be >= 0 (0 = off)"),
+            "max_new_tokens": (params.max_new_tokens >= 1, "must be >= 1"),
+            "n": (params.n >= 1, "must be >= 1"),
+            "seed": (0 <= params.seed < 2**32, "must be in [0, 2**32)"),
+            "stop": (all(isinstance(x, str) and x for x in params.stop), "strings must be non-empty")}
+  return {name: f"= {getattr(params, name)!r}: {why}" for name, (ok, why) in checks.items() if not ok}
+
+
+def stream_id(seed: int, key: Any, sample: int) -> tuple[int, int]:
+  """One row's 64-bit PRNG stream as two uint32 words: a hash of (seed, the request's key, sample index).
+  `key` is any JSON value (an int, a string, a list of them): a stable identity given by the caller."""
+  blob = json.dumps([seed, key, sample], separators=(",", ":")).encode()
+  digest = int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little")
+  return digest >> 32, digest & 0xFFFFFFFF
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """params.n samples continuing `prompt` (token ids); `key` (a JSON value) seeds them, with params.seed."""
+  prompt: Sequence[int]
+  params: SamplingParams
+  key: Any
 
 
 @dataclasses.dataclass
@@ -100,6 +135,23 @@ class Completion:
   logprobs: list[float]        # per token, under the sampling distribution (see module doc)
   model_logprobs: list[float]  # per token, under the untempered full model distribution
   finish_reason: str           # "eos" | "stop" | "length"
+
+
+@dataclasses.dataclass
+class SamplerStats:
+  """Running totals of a Sampler (reset by assigning a new one): what benchmarks and search stages report."""
+  calls: int = 0        # `sample` / `generate` calls
+  batches: int = 0      # prefill + decode programs run
+  requests: int = 0
+  rows: int = 0         # sampled continuations
+  tokens: int = 0       # tokens generated (all rows)
+  row_steps: int = 0    # decode slots spent: rows x loop steps of their batch (finished rows idle until the last)
+  seconds: float = 0.0  # wall time inside `sample`
+
+  @property
+  def live_row_fraction(self) -> float:
+    """Fraction of decoded row-steps that belonged to rows still running."""
+    return self.tokens / self.row_steps if self.row_steps else 1.0
 
 
 # --- Token selection (pure, jit-friendly) ----------------------------------------------------------------------
@@ -175,7 +227,7 @@ def _find_stop(text: str, stop: Sequence[str]) -> tuple[int, str] | None:
 
 class RowParams(NamedTuple):
   """Per-row sampling settings (all [B])."""
-  row_id: jax.Array       # int32: global row index, seeds the row's PRNG stream
+  stream: jax.Array       # [B, 2] uint32: the row's PRNG stream (`stream_id`)
   active: jax.Array       # bool: False for batch padding rows
   temperature: jax.Array  # float32
   top_p: jax.Array        # float32
@@ -226,12 +278,13 @@ def _prefill(cfg: ModelConfig, sharder: Sharder | None, params: dict, tokens_BP:
 
 
 def _decode(cfg: ModelConfig, sharder: Sharder | None, params: dict, cache: KVCache, logits_BV: jax.Array,
-            kv_mask_BS: jax.Array, pos_B: jax.Array, rows: RowParams, seed: jax.Array, stop_table: jax.Array,
-            stop_len: jax.Array, *, budget: int, eos_ids: tuple[int, ...], pad_id: int) -> tuple[DecodeOut, KVCache]:
+            kv_mask_BS: jax.Array, pos_B: jax.Array, rows: RowParams, stop_table: jax.Array, stop_len: jax.Array, *,
+            budget: int, eos_ids: tuple[int, ...], pad_id: int) -> tuple[DecodeOut, KVCache]:
   """Sample up to `budget` tokens per row in one while_loop that ends when every row has finished."""
   B = logits_BV.shape[0]
-  base_key = jax.random.key(seed)
-  row_keys_B = jax.vmap(lambda r: jax.random.fold_in(base_key, r))(rows.row_id)
+  root = jax.random.key(0)
+  row_keys_B = jax.vmap(lambda hi, lo: jax.random.fold_in(jax.random.fold_in(root, hi), lo))(
+      rows.stream[:, 0], rows.stream[:, 1])
   eos_E = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
   stop_ids_K = jnp.arange(stop_table.shape[0])
 
@@ -304,6 +357,7 @@ class Sampler:
     self._split_layers = jax.jit(functools.partial(split_layers, fuse=True, sharder=sharder))
     self._token_texts: list[str] | None = None
     self._stop_tables: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
+    self.stats = SamplerStats()
     self.update_weights(model)
 
   def update_weights(self, model: Llama) -> None:
@@ -341,62 +395,89 @@ class Sampler:
     return self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
 
   # -- main entry point
-  def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], params: SamplingParams = SamplingParams()
-               ) -> list[list[Completion]]:
+  def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], params: SamplingParams = SamplingParams(),
+               keys: Sequence[Any] | None = None) -> list[list[Completion]]:
     """Completions for each prompt (text, or token ids used as is): outer list = prompts, inner = n samples.
 
+    keys: one stable identity per prompt (a JSON value: input row index, problem id, ...) that seeds its samples
+    with params.seed; default: the prompt's index in this call (fine for one call, not for a job cut into calls).
     To continue a partial answer, pass prompt + prefix (as text, or better as token ids): the completion is
     what follows it, and stop strings are searched in the completion only.
     """
-    ids = [self.encode(p) for p in prompts]
-    if any(not x for x in ids):
-      raise ValueError("empty prompt")
-    longest = max(map(len, ids), default=0) + params.max_new_tokens
-    if longest > self.cfg.max_position_embeddings:
-      raise ValueError(f"prompt + max_new_tokens = {longest} > max_position_embeddings "
-                       f"{self.cfg.max_position_embeddings}")
-    n = params.n
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths share a batch
-    rows = [(p, j) for p in order for j in range(n)]
-    results: list[list[Completion | None]] = [[None] * n for _ in ids]
-    for start in range(0, len(rows), self.max_batch):
-      chunk = rows[start:start + self.max_batch]
-      for (p, j), completion in zip(chunk, self._generate_batch(ids, chunk, params)):
-        results[p][j] = completion
+    keys = list(range(len(prompts))) if keys is None else list(keys)
+    if len(keys) != len(prompts):
+      raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
+    return self.sample([Request(self.encode(p), params, k) for p, k in zip(prompts, keys)])
+
+  def sample(self, requests: Sequence[Request]) -> list[list[Completion]]:
+    """Completions for each request (its params.n samples), in as few programs as the requests allow: rows that
+    share a stop set and EOS handling share decodes, identical prompts share a prefill."""
+    for r, req in enumerate(requests):
+      if not req.prompt:
+        raise ValueError(f"request {r} (key {req.key!r}): empty prompt")
+      longest = len(req.prompt) + req.params.max_new_tokens
+      if longest > self.cfg.max_position_embeddings:
+        raise ValueError(f"request {r} (key {req.key!r}): prompt ({len(req.prompt)} tokens) + max_new_tokens "
+                         f"({req.params.max_new_tokens}) = {longest} > max_position_embeddings "
+                         f"{self.cfg.max_position_embeddings}")
+    began = time.perf_counter()
+    results: list[list[Completion | None]] = [[None] * req.params.n for req in requests]
+    groups: dict[tuple, list[tuple[int, int]]] = {}
+    for r, req in enumerate(requests):
+      group = groups.setdefault((req.params.stop, req.params.ignore_eos), [])
+      group.extend((r, j) for j in range(req.params.n))
+    for rows in groups.values():
+      rows.sort(key=lambda row: -len(requests[row[0]].prompt))  # similar lengths share a batch
+      for start in range(0, len(rows), self.max_batch):
+        chunk = rows[start:start + self.max_batch]
+        for (r, j), completion in zip(chunk, self._sample_batch(requests, chunk)):
+          results[r][j] = completion
+    self.stats.calls += 1
+    self.stats.requests += len(requests)
+    self.stats.seconds += time.perf_counter() - began
     return results  # type: ignore[return-value]
 
-  def _generate_batch(self, ids: list[list[int]], rows: list[tuple[int, int]], params: SamplingParams
-                      ) -> list[Completion]:
+  def _sample_batch(self, requests: Sequence[Request], rows: list[tuple[int, int]]) -> list[Completion]:
+    """One prefill + one decode for `rows` (request index, sample index), which share stop set and EOS handling."""
     n_shards = self.batch_shards
-    prompts = list(dict.fromkeys(p for p, _ in rows))  # distinct prompts, in order
+    first = requests[rows[0][0]].params
+    prompts = list(dict.fromkeys(tuple(requests[r].prompt) for r, _ in rows))  # distinct prompts, in order
     B = _round_up(bucket(len(prompts), 1), n_shards)
     R = _round_up(min(bucket(len(rows), 1), self.max_batch), n_shards)
-    P = bucket(max(len(ids[p]) for p in prompts))
-    N = bucket(params.max_new_tokens)
+    P = bucket(max(map(len, prompts)))
+    N = bucket(max(requests[r].params.max_new_tokens for r, _ in rows))
     tokens = np.full((B, P), self.pad_id, np.int32)
     mask = np.zeros((B, P), bool)
-    for b, p in enumerate(prompts):
-      tokens[b, P - len(ids[p]):], mask[b, P - len(ids[p]):] = ids[p], True
-    slot = {p: b for b, p in enumerate(prompts)}
+    for b, ids in enumerate(prompts):
+      tokens[b, P - len(ids):], mask[b, P - len(ids):] = ids, True
+    slot = {ids: b for b, ids in enumerate(prompts)}
     src = np.zeros((R,), np.int32)
-    src[:len(rows)] = [slot[p] for p, _ in rows]
-    active = np.arange(R) < len(rows)
-    row_id = np.zeros((R,), np.int32)
-    row_id[:len(rows)] = [p * params.n + j for p, j in rows]
-    full = lambda v, dt: np.full((R,), v, dt)
-    row_params = RowParams(row_id, active, full(params.temperature, np.float32), full(params.top_p, np.float32),
-                           full(params.top_k, np.int32), full(params.max_new_tokens, np.int32))
+    src[:len(rows)] = [slot[tuple(requests[r].prompt)] for r, _ in rows]
+    stream = np.zeros((R, 2), np.uint32)
+    stream[:len(rows)] = [stream_id(requests[r].params.seed, requests[r].key, j) for r, j in rows]
+
+    def column(field: str, dtype) -> np.ndarray:
+      values = np.zeros((R,), dtype)
+      values[:len(rows)] = [getattr(requests[r].params, field) for r, _ in rows]
+      return values
+    row_params = RowParams(stream, np.arange(R) < len(rows), column("temperature", np.float32),
+                           column("top_p", np.float32), column("top_k", np.int32), column("max_new_tokens", np.int32))
     kv_mask_RS = np.concatenate([mask[src], np.ones((R, N), bool)], axis=1)
     pos_R = mask.sum(1).astype(np.int32)[src]
-    table, stop_len = self._stop_table(params.stop)
+    table, stop_len = self._stop_table(first.stop)
 
     cache, logits = self._prefill(self.params, self._put(tokens), self._put(mask), self._put(src),
                                   new_slots=N, cache_dtype=self.cache_dtype)
     out, _ = self._decode(self.params, cache, logits, self._put(kv_mask_RS), self._put(pos_R),
-                          jax.tree.map(self._put, row_params), jnp.uint32(params.seed), table, stop_len, budget=N,
-                          eos_ids=() if params.ignore_eos else self.eos_ids, pad_id=self.pad_id)
+                          jax.tree.map(self._put, row_params), table, stop_len, budget=N,
+                          eos_ids=() if first.ignore_eos else self.eos_ids, pad_id=self.pad_id)
     out = jax.tree.map(np.asarray, jax.device_get(out))
-    return [self._completion(out, r, params) for r in range(len(rows))]
+    lengths = out.lengths[:len(rows)]
+    self.stats.batches += 1
+    self.stats.rows += len(rows)
+    self.stats.tokens += int(lengths.sum())
+    self.stats.row_steps += len(rows) * int(lengths.max())
+    return [self._completion(out, i, requests[r].params) for i, (r, _) in enumerate(rows)]
 
   def _completion(self, out: DecodeOut, r: int, params: SamplingParams) -> Completion:
     length, code = int(out.lengths[r]), int(out.finish[r])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -143,3 +144,15 @@ def maybe_initialize_distributed(enabled: bool, coordinator_address: str | None 
   jax.distributed.initialize(**kwargs)
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def enable_compilation_cache(directory: str) -> None:
+  """JAX's persistent compilation cache in `directory` ("" = off): a restarted run loads its programs instead of
+  compiling them again. Every program is cached (no minimum compile time or size)."""
+  if not directory:
+    return
+  path = os.path.abspath(os.path.expanduser(directory))
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -79,7 +79,8 @@ def _closing_brace(text: str, open_idx: int) -> int:
 
 
 def _boxes(text: str) -> list[tuple[int, int, str | None]]:
-  """(start, end, content) of each top-level `\\boxed`/`\\fbox`; content is None when the box is never closed."""
+  """(start, end, content) of each top-level `\\boxed`/`\\fbox`; content is None when the box is never closed
+  (or the text ends right after the command)."""
   out: list[tuple[int, int, str | None]] = []
   for m in _BOX_CMD.finditer(text):
     if out and m.start() < out[-1][1]:
@@ -95,6 +96,8 @@ def _boxes(text: str) -> list[tuple[int, int, str | None]]:
       out.append((m.start(), close + 1, text[brace + 1:close]))
     elif bare := _BARE_BOX_ARG.match(text, m.end()):
       out.append((m.start(), bare.end(), bare.group(1).rstrip(".,;")))
+    elif not text[m.end():].strip():  # "... the answer is \boxed" cut off before its argument
+      out.append((m.start(), len(text), None))
   return out
 
 
@@ -150,8 +153,9 @@ def extract_answer(response: str, *, fallbacks: Sequence[str] = DEFAULT_FALLBACK
 
   `fallbacks` are tried in order and the first that finds anything decides; within one, the LAST occurrence wins
   (ASTRO traces state wrong answers, reflect, and then give the final one):
-    "boxed":     last `\\boxed{...}` / `\\fbox{...}` / `\\boxed 5` (adjacent boxes joined; an unclosed last box
-                 means a truncated response: no answer, and later fallbacks are not tried);
+    "boxed":     last `\\boxed{...}` / `\\fbox{...}` / `\\boxed 5` (adjacent boxes joined; an unclosed last box,
+                 or a `\\boxed` that ends the text, means a truncated response: no answer, and later fallbacks are
+                 not tried);
     "answer_is": "... the answer is X" / "final answer is: X" / "Final Answer: X";
     "gsm8k":     "#### X".
   """

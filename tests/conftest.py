@@ -27,10 +27,11 @@ PROMPTS = [
 TINY_ORIGINAL_CTX = 32
 
 
-def make_tiny_llama31_hf(out_dir, dtype: torch.dtype = torch.float32, seed: int = 0) -> transformers.LlamaForCausalLM:
+def make_tiny_llama31_hf(out_dir, dtype: torch.dtype = torch.float32, seed: int = 0,
+                         vocab_size: int = 512) -> transformers.LlamaForCausalLM:
   """A random Llama-3.1-style HF checkpoint (llama3 rope scaling, GQA 4:1, untied head) saved to `out_dir`."""
   config = transformers.LlamaConfig(
-      vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=8,
+      vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=8,
       num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-5,
       rope_theta=500_000.0, tie_word_embeddings=False, initializer_range=0.08, bos_token_id=1, eos_token_id=2,
       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -51,6 +52,20 @@ def smollm2_dir():
   """HF checkpoint of the real SmolLM2-135M-Instruct (exported once from the GGUF asset and cached)."""
   from astro_jax import assets
   return assets.smollm2_hf_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, smollm2_dir):
+  """A tiny random Llama-3.1-style HF checkpoint with SmolLM2's vocabulary and tokenizer files (256 positions):
+  stages run on it in seconds, on text prompts."""
+  import shutil
+  from astro_jax import checkpoint
+  out = tmp_path_factory.mktemp("tiny_checkpoint")
+  make_tiny_llama31_hf(out, seed=5, vocab_size=49152)
+  for name in checkpoint.TOKENIZER_FILES:
+    if (smollm2_dir / name).exists():
+      shutil.copy2(smollm2_dir / name, out / name)
+  return out
 
 
 @pytest.fixture(scope="session")

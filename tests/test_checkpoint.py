@@ -193,8 +193,8 @@ def test_bad_hf_checkpoint_fails_and_writes_nothing(tiny_dirs, tmp_path, kind):
   existing.mkdir()
   (existing / "keep.txt").write_text("precious")
   before = listing(existing)
-  with pytest.raises(CheckpointError, match=message):
-    convert_hf_to_orbax(bad, existing)
+  with pytest.raises(CheckpointError, match=message):  # even when asked to overwrite, a failure keeps it
+    convert_hf_to_orbax(bad, existing, overwrite=True)
   assert listing(existing) == before and os.listdir(out_parent) == ["existing"]
 
 
@@ -236,9 +236,9 @@ def test_conversion_tools_cli(tiny_dirs, tmp_path, llama3_tokenizer_dir):
   assert_bit_identical(src, tmp_path / "hf")
   assert_same_tokenizer(llama3_tokenizer_dir, tmp_path / "hf")
 
-  # A bad checkpoint: non-zero exit, one error line naming the tensor, no traceback, nothing written.
+  # A bad checkpoint: exit 2, one error line naming the tensor, no traceback, nothing written.
   bad = _corrupt(src, tmp_path / "bad", BAD_HF["shape"][0])
   proc = _tool("convert_hf_to_orbax.py", "--hf_dir", bad, "--out", tmp_path / "bad_ckpt")
-  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert "model.layers.2.self_attn.k_proj.weight: expected shape (32, 64), found (16, 64)" in proc.stderr
   assert not (tmp_path / "bad_ckpt").exists()

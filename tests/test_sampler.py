@@ -299,3 +299,63 @@ def test_sharded_sampling_matches_single_device():
       for (ref_ids, ref_lp), (got_ids, got_lp) in zip(ref_row, row):
         assert got_ids == ref_ids, name
         np.testing.assert_allclose(got_lp, ref_lp, atol=1e-4)
+
+
+# --- randomness from stable identities; request-level sampling ---------------------------------------------------
+
+def _ids(results):
+  return [[c.token_ids for c in samples] for samples in results]
+
+
+def test_samples_depend_on_keys_not_on_batching(tiny):
+  """8 identical prompts at temperature 1: any max_batch (1, 4, 16), or the job cut into calls as a resumed run
+  would, gives the same samples per key; identical prompts with different keys differ."""
+  model, sampler = tiny
+  prompts = [[1, 17, 42, 99]] * 8
+  params = SamplingParams(temperature=1.0, max_new_tokens=10, n=2, seed=7, ignore_eos=True)
+  keys = [f"row-{i}" for i in range(8)]
+  runs = [Sampler(model, sampler.tokenizer, max_batch=b).generate(prompts, params, keys=keys) for b in (1, 4, 16)]
+  assert _ids(runs[0]) == _ids(runs[1]) == _ids(runs[2])
+  resumed = (Sampler(model, sampler.tokenizer, max_batch=4).generate(prompts[:3], params, keys=keys[:3]) +
+             Sampler(model, sampler.tokenizer, max_batch=16).generate(prompts[3:], params, keys=keys[3:]))
+  assert _ids(resumed) == _ids(runs[0])
+  rows = [tuple(ids) for samples in _ids(runs[0]) for ids in samples]
+  assert len(set(rows)) == len(rows)  # 16 samples of one prompt, all different
+  assert _ids(sampler.generate(prompts[:1], params, keys=["row-0"]))[0] == _ids(runs[0])[0]
+  assert _ids(sampler.generate(prompts[:1], params, keys=["row-9"]))[0] != _ids(runs[0])[0]
+
+
+def test_mixed_requests_in_one_call_equal_one_by_one(tiny):
+  """One `sample` call with mixed n / temperature / top-p / budgets / stop sets (greedy and sampled) gives what
+  each request gives alone; identical prompts of different requests share a prefill but not their samples."""
+  from astro_jax.sampler import Request
+  model, sampler = tiny
+  texts = sampler.tokenizer.hf.batch_decode([[i] for i in range(3, 40)])
+  stop = next(t for t in texts if t.strip())  # a token text the tiny model may produce
+  P = SamplingParams
+  requests = [
+      Request([1, 5, 9], P(temperature=0, max_new_tokens=6), key=0),
+      Request([1, 5, 9], P(temperature=0.8, top_p=0.9, max_new_tokens=12, n=3, seed=1), key=1),
+      Request([1, 300, 200, 100, 50], P(temperature=1.2, top_k=20, max_new_tokens=5, n=2, seed=1), key=["a", 2]),
+      Request([1, 5, 9], P(temperature=1.0, max_new_tokens=9, n=2, stop=(stop,), seed=3), key=3),
+      Request([1, 7], P(temperature=0, max_new_tokens=16, stop=(stop, "\n\n")), key=4),
+      Request([1, 5, 9], P(temperature=0.8, top_p=0.9, max_new_tokens=12, n=3, seed=1), key=5),
+  ]
+  together = sampler.sample(requests)
+  alone = [Sampler(model, sampler.tokenizer, max_batch=3).sample([r])[0] for r in requests]
+  assert _ids(together) == _ids(alone)
+  for req, samples in zip(requests, together):
+    assert len(samples) == req.params.n
+    assert all(len(c.token_ids) <= req.params.max_new_tokens for c in samples)
+    assert all(stop not in c.text for c in samples) if req.params.stop else True
+  assert _ids([together[1]]) != _ids([together[5]])  # same prompt and settings, other key
+
+
+def test_sampler_stats_count_rows_tokens_and_idle_steps(tiny):
+  model, sampler = tiny
+  s = Sampler(model, sampler.tokenizer, max_batch=8)
+  out = s.generate([[1, 2, 3], [1, 4]], SamplingParams(temperature=1.0, max_new_tokens=8, n=2, seed=2))
+  lengths = [len(c.token_ids) for samples in out for c in samples]
+  assert (s.stats.calls, s.stats.batches, s.stats.requests, s.stats.rows) == (1, 1, 2, 4)
+  assert s.stats.tokens == sum(lengths) and s.stats.row_steps == 4 * max(lengths)
+  assert s.stats.live_row_fraction == pytest.approx(sum(lengths) / (4 * max(lengths)))

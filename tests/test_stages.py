@@ -54,11 +54,10 @@ def test_generate_stage_resumes_a_killed_run(tmp_path, smollm2_dir):
   stages.get("generate").run(config)
   first = data.read_jsonl_rows(out)
   # As if killed after the second prompt: its row is in the partial file (marked, to prove it is reused), the
-  # third is not, and a torn line follows.
+  # third is not, and a torn line follows; the settings record beside the output stays.
   partial = tmp_path / "out.jsonl.partial"
-  common_settings = tmp_path / "out.jsonl.partial.settings.json"
-  stages.get("generate")._resume(config, partial)
-  assert common_settings.exists()
+  settings = tmp_path / "out.jsonl.settings.json"
+  assert settings.exists()
   data.append_jsonl(partial, {"_index": 1, **first[1], "marker": True})
   with open(partial, "a") as f:
     f.write('{"_index": 2, "tor')
@@ -68,7 +67,7 @@ def test_generate_stage_resumes_a_killed_run(tmp_path, smollm2_dir):
   assert [r["prompt"] for r in again] == [r["prompt"] for r in first]
   assert again[1].get("marker") is True and "marker" not in again[0] and "marker" not in again[2]
   assert [r["completions"] for r in again] == [r["completions"] for r in first]  # greedy: same tokens
-  assert not partial.exists() and not common_settings.exists()
+  assert not partial.exists() and settings.exists()
 
 
 def test_generate_stage_rejects_malformed_input_with_file_and_line(tmp_path):

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Any
+
+import ml_collections
 
 STAGES: dict[str, str] = {
     "convert": "astro_jax.stages.convert",
@@ -22,3 +25,36 @@ def defaults(name: str):
   config = get(name).defaults()
   config.lock()
   return config
+
+
+def flat_defaults(name: str) -> list[tuple[str, Any]]:
+  """(dotted key, default) for every leaf of a stage's defaults, in definition order."""
+  def walk(node, prefix):
+    for key, value in node.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        yield from walk(value, f"{prefix}{key}.")
+      else:
+        yield f"{prefix}{key}", value
+  return list(walk(defaults(name), ""))
+
+
+def key_help(name: str) -> dict[str, str]:
+  """What each config key of a stage means: the shared keys' help, the stage's own HELP (and SAMPLING_HELP)."""
+  from astro_jax.stages import common
+  module = get(name)
+  return {**common.BASE_HELP, **getattr(module, "SAMPLING_HELP", {}), **getattr(module, "HELP", {})}
+
+
+def config_tables_markdown() -> str:
+  """One markdown table per stage: key, default, meaning (the README's, generated so that it cannot drift)."""
+  out = []
+  for name in STAGES:
+    helps = key_help(name)
+    out += [f"**{name}**", "", "| key | default | meaning |", "|---|---|---|"]
+    for key, value in flat_defaults(name):
+      shown = repr(value) if isinstance(value, str) else str(value).replace("|", "\\|")
+      if key not in helps:
+        raise KeyError(f"stage {name}: config key {key!r} has no help text")
+      out.append(f"| `{key}` | `{shown}` | {helps[key]} |")
+    out.append("")
+  return "\n".join(out)

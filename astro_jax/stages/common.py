@@ -1,15 +1,25 @@
-"""Config pieces and set-up shared by all stages: mesh, multi-host start, model + tokenizer loading."""
+"""Config pieces and set-up shared by all stages: value checks, mesh, multi-host start, checkpoint + tokenizer
+loading, and the settings record that lets a killed run resume without ever mixing or overwriting results.
+
+Every stage checks in this order, so that a mistake costs seconds and leaves nothing behind: config values, then
+inputs (files, every row, every prompt within the context), then the checkpoint (present and well-formed, without
+reading weights), then what is already at the output; only then does it load the model, and it records its
+settings when it writes its first result.
+"""
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
+from typing import Any, Callable
 
 import ml_collections
 
 from astro_jax import sharding
+from astro_jax.errors import ConfigError, UserError
 
 ASSET_PREFIX = "asset:"
+DTYPES = ("float32", "bfloat16")
 
 
 def base_config(stage: str) -> ml_collections.ConfigDict:
@@ -19,6 +29,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
   c.distributed = ml_collections.ConfigDict(
       {"enabled": False, "coordinator_address": "", "num_processes": -1, "process_id": -1})
+  c.compile_cache_dir = "~/.cache/astro_jax/jax_compile"
   return c
 
 
@@ -27,50 +38,183 @@ def model_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({"dtype": "float32", "scan_layers": True, "remat": False})
 
 
-def setup_mesh(config: ml_collections.ConfigDict, rules: str = "train") -> sharding.Sharder:
-  d = config.distributed
-  sharding.maybe_initialize_distributed(d.enabled, d.coordinator_address or None, d.num_processes,
-                                        d.process_id)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  logging.info("mesh %s", dict(mesh.shape))
-  return sharding.Sharder.create(mesh, rules)
+# --- value checks -------------------------------------------------------------------------------------------------
+
+def require(ok: bool, key: str, value: Any, why: str) -> None:
+  """A ConfigError naming the key, its value and what it must be, unless `ok`."""
+  if not ok:
+    raise ConfigError(f"config key {key!r} = {value!r}: {why}")
 
 
-def resolve_path(path: str) -> Path:
+def check_base(config: ml_collections.ConfigDict) -> None:
+  """The keys every stage has: mesh shape and (when present) model settings."""
+  sizes = [config.mesh[a] for a in sharding.MESH_AXES]
+  for axis, size in zip(sharding.MESH_AXES, sizes):
+    require(size >= 1 or size == -1, f"mesh.{axis}", size, "must be >= 1, or -1 for all remaining devices")
+  require(sizes.count(-1) <= 1, "mesh", dict(zip(sharding.MESH_AXES, sizes)), "at most one axis may be -1")
+  if "model" in config:
+    require(config.model.dtype in DTYPES, "model.dtype", config.model.dtype, f"must be one of {DTYPES}")
+
+
+def check_sampling(sampling: ml_collections.ConfigDict, n: int | None = None) -> None:
+  """Sampling values (see sampler.sampling_problems), named `sampling.<field>`; `n` overrides sampling.n."""
+  from astro_jax.sampler import sampling_problems
+  fields = {k: sampling[k] for k in ("temperature", "top_p", "top_k", "max_new_tokens", "seed")}
+  fields["n"] = sampling.n if n is None else n
+  fields["stop"] = tuple(s for s in sampling.stop if s)
+  problems = sampling_problems(ml_collections.ConfigDict(fields))
+  if problems:
+    field, why = next(iter(problems.items()))
+    raise ConfigError(f"config key {'samples' if field == 'n' and n is not None else 'sampling.' + field!r} {why}")
+
+
+def input_file(path: str, key: str) -> Path:
+  """A user-given input file that must exist and hold something."""
+  p = Path(path)
+  require(p.is_file(), key, path, "no such file")
+  require(p.stat().st_size > 0 and p.read_bytes().strip() != b"", key, path, "the file is empty")
+  return p
+
+
+# --- checkpoint, tokenizer, mesh ----------------------------------------------------------------------------------
+
+def resolve_path(path: str, key: str = "checkpoint") -> Path:
   """A local path, or `asset:smollm2` (the real SmolLM2-135M-Instruct) / `asset:llama3_tokenizer`."""
   from astro_jax import assets
   if path.startswith(ASSET_PREFIX):
     name = path[len(ASSET_PREFIX):]
     table = {"smollm2": assets.smollm2_hf_dir, "llama3_tokenizer": assets.llama3_tokenizer_dir}
-    if name not in table:
-      raise ValueError(f"unknown asset {path!r}; known: {', '.join(ASSET_PREFIX + k for k in table)}")
-    return Path(table[name]())
-  if not path:
-    raise ValueError("a checkpoint/tokenizer path is required (or an asset such as 'asset:smollm2')")
+    require(name in table, key, path, f"unknown asset; known: {', '.join(ASSET_PREFIX + k for k in table)}")
+    try:
+      return Path(table[name]())
+    except FileNotFoundError as e:
+      raise UserError(f"config key {key!r} = {path!r}: {e}") from None
+  require(bool(path), key, path, "a path is required (or an asset such as 'asset:smollm2')")
+  require(Path(path).exists(), key, path, "no such file or directory")
   return Path(path)
 
 
-def load_model_and_tokenizer(config: ml_collections.ConfigDict, sharder: sharding.Sharder | None):
-  """The model (Orbax or HF checkpoint) on the mesh, and its tokenizer (`config.tokenizer` or the checkpoint's)."""
+def inspect_checkpoint(config: ml_collections.ConfigDict):
+  """(path, ModelConfig) of `config.checkpoint`: present and well-formed (headers and shapes; no weights read)."""
+  from astro_jax import checkpoint
+  path = resolve_path(config.checkpoint)
+  return path, checkpoint.inspect_checkpoint(path)
+
+
+def load_tokenizer(config: ml_collections.ConfigDict, ckpt: Path, model_cfg):
+  """The tokenizer of `config.tokenizer`, else the checkpoint's own (with the model's EOS ids)."""
   from astro_jax import checkpoint
   from astro_jax.tokenizer import Tokenizer
-  ckpt = resolve_path(config.checkpoint)
-  m = config.model
-  model = checkpoint.load_model(ckpt, sharder=sharder, dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat)
-  tok_dir = resolve_path(config.tokenizer) if config.tokenizer else checkpoint.tokenizer_dir_of(ckpt)
+  tok_dir = resolve_path(config.tokenizer, "tokenizer") if config.tokenizer else checkpoint.tokenizer_dir_of(ckpt)
   if tok_dir is None:
-    raise FileNotFoundError(f"checkpoint {ckpt} has no tokenizer files; pass --config.tokenizer=DIR")
-  return model, Tokenizer.load(tok_dir, extra_eos_ids=model.cfg.eos_token_ids)
+    raise UserError(f"checkpoint {ckpt} has no tokenizer files; pass --config.tokenizer=DIR")
+  try:
+    return Tokenizer.load(tok_dir, extra_eos_ids=model_cfg.eos_token_ids)
+  except (OSError, ValueError) as e:
+    raise UserError(f"tokenizer {tok_dir}: cannot load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
-def guard_settings(path: Path, settings: dict) -> None:
-  """Resumable outputs: record the settings that shape results on first use; later runs must match them."""
-  settings = json.loads(json.dumps(settings))
-  if path.exists():
-    previous = json.loads(path.read_text())
-    if previous != settings:
-      raise ValueError(f"{path.parent} holds results of other settings ({path}: {previous}, now: {settings}); "
-                       f"use another output location or delete the old results")
-  else:
+def load_model(config: ml_collections.ConfigDict, ckpt: Path, sharder: sharding.Sharder | None):
+  """The model of an (inspected) Orbax or HF checkpoint, on the mesh."""
+  from astro_jax import checkpoint
+  m = config.model
+  return checkpoint.load_model(ckpt, sharder=sharder, dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat)
+
+
+def setup_mesh(config: ml_collections.ConfigDict, rules: str = "train") -> sharding.Sharder:
+  """Multi-host start, the persistent compilation cache, and the mesh with its rule set."""
+  d = config.distributed
+  sharding.enable_compilation_cache(config.compile_cache_dir)
+  sharding.maybe_initialize_distributed(d.enabled, d.coordinator_address or None, d.num_processes,
+                                        d.process_id)
+  try:
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  except ValueError as e:
+    raise ConfigError(f"config key 'mesh': {e}") from None
+  logging.info("mesh %s", dict(mesh.shape))
+  return sharding.Sharder.create(mesh, rules)
+
+
+def check_prompt_lengths(lengths: list[int], max_new_tokens: int, max_positions: int,
+                         where: Callable[[int], str]) -> None:
+  """Every prompt + max_new_tokens within the model's context; the first that is not is named by `where(i)`."""
+  for i, n in enumerate(lengths):
+    if n + max_new_tokens > max_positions:
+      raise UserError(f"{where(i)}: prompt of {n} tokens + sampling.max_new_tokens {max_new_tokens} = "
+                      f"{n + max_new_tokens} > the model's context of {max_positions} positions")
+
+
+# --- the settings record of a resumable output --------------------------------------------------------------------
+
+def to_settings(config: ml_collections.ConfigDict, keys: tuple[str, ...]) -> dict:
+  """The values of `keys` as plain JSON (what a settings record compares)."""
+  values = {k: config[k].to_dict() if isinstance(config[k], ml_collections.ConfigDict) else config[k] for k in keys}
+  return json.loads(json.dumps(values))
+
+
+class SettingsRecord:
+  """The settings that shaped an output, in a JSON file beside it (`path`).
+
+  A run whose output location holds results of other settings (or results of unknown origin) stops before any work
+  unless `overwrite` is set; with `overwrite` the old results are removed only when the first new one is written
+  (`record`). So a failed run never blocks its location and never loses what was there.
+  """
+
+  def __init__(self, path: Path, settings: dict, overwrite: bool = False):
+    self.path, self.settings, self.overwrite = Path(path), json.loads(json.dumps(settings)), overwrite
+
+  def previous(self) -> dict | None:
+    try:
+      return json.loads(self.path.read_text())
+    except FileNotFoundError:
+      return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      return {"unreadable": str(self.path)}
+
+  def matches(self) -> bool:
+    return self.previous() == self.settings
+
+  def check(self, results: list[Path], what: str) -> None:
+    """Refuse (UserError) when any of `results` exists and was made with other settings, unless overwriting."""
+    existing = [p for p in results if p.exists()]
+    if not existing or self.matches() or self.overwrite:
+      return
+    previous = self.previous()
+    origin = (f"other settings ({'; '.join(_differences(previous, self.settings))}; see {self.path})" if previous
+              else f"unknown settings (no {self.path.name} beside it)")
+    raise UserError(f"{what} {existing[0]} holds results of {origin}. Use another output location, or pass "
+                    f"--config.overwrite=true to replace them")
+
+  def record(self, stale: list[Path]) -> None:
+    """Before the first result is written: when overwriting other settings, remove `stale`; then record."""
+    if self.matches():
+      return
+    for p in stale:
+      p.unlink(missing_ok=True)
     from astro_jax import data
-    data.write_text_atomic(path, json.dumps(settings, indent=2) + "\n")
+    data.write_text_atomic(self.path, json.dumps(self.settings, indent=2) + "\n")
+
+
+BASE_HELP = {
+    "stage": "which stage runs (fixed by the config file)",
+    "seed": "run seed (stages that sample take theirs from sampling.seed)",
+    "mesh.data": "devices on the data axis",
+    "mesh.fsdp": "devices on the fsdp axis (-1: all remaining)",
+    "mesh.tensor": "devices on the tensor axis",
+    "distributed.enabled": "start JAX's multi-host runtime (one process per host)",
+    "distributed.coordinator_address": "host:port of process 0 (\"\": from the cluster environment)",
+    "distributed.num_processes": "number of processes (-1: from the environment)",
+    "distributed.process_id": "this process's index (-1: from the environment)",
+    "compile_cache_dir": "JAX's persistent compilation cache (\"\": off); a restarted run does not recompile",
+    "model.dtype": "activation dtype: float32 or bfloat16",
+    "model.scan_layers": "one compiled layer scanned over the stack (fast compiles)",
+    "model.remat": "rematerialise each layer in the backward pass",
+}
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+  """`key: old -> new` for every leaf where two settings records differ."""
+  if isinstance(old, dict) and isinstance(new, dict):
+    return [d for k in sorted(set(old) | set(new), key=str)
+            for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+  return [] if old == new else [f"{prefix[:-1] or 'settings'}: {old!r} -> now {new!r}"]

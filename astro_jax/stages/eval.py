@@ -4,10 +4,12 @@ Per benchmark, `<output_dir>/<name>.jsonl` gets one row per problem as soon as i
 so a killed run continues where it stopped. `summary.json` and `summary.md` are rewritten atomically at the end:
 pass@1 (mean over the k samples), pass@k, maj@k, no-answer rate, mean response length in tokens and mean
 self-reflection / backtracking markers per response, each with a 95% confidence interval over problems.
+`run_config.json` records the settings that shape results; a directory holding results of other settings is
+refused unless `overwrite`. A problem's k samples are seeded by (sampling.seed, problem id, sample index), so they
+do not depend on batch_size, limit or where a run resumed. k is `samples` (there is no sampling.n here).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -15,10 +17,27 @@ from pathlib import Path
 import ml_collections
 from tqdm import tqdm
 
+from astro_jax.errors import UserError
 from astro_jax.stages import common, generate
 
 # Settings that change results: a resumed run must use the same ones.
-_RUN_KEYS = ("checkpoint", "samples", "system_prompt", "sampling")
+_RUN_KEYS = ("checkpoint", "tokenizer", "samples", "system_prompt", "sampling")
+RENAMED = {"sampling.n": "samples"}  # keys of other stages that are spelled differently here
+SAMPLING_HELP = {k: v for k, v in generate.SAMPLING_HELP.items() if k not in RENAMED}
+
+HELP = {
+    "checkpoint": "Orbax or HF checkpoint directory, or an asset (asset:smollm2)",
+    "tokenizer": "tokenizer directory (default: the checkpoint's own)",
+    "benchmarks": "comma-separated: math500, amc23, aime24, gsm8k, or JSONL paths (id, problem, answer)",
+    "limit": "the first N problems of each benchmark (-1: all)",
+    "samples": "k responses per problem (pass@k, maj@k)",
+    "system_prompt": "system message before each problem (\"\": none)",
+    "output_dir": "per-benchmark rows, summary.json, summary.md, run_config.json",
+    "overwrite": "replace results made with other settings",
+    "batch_size": "rows (problems x samples) per sampler call; does not change results",
+    "verifier.workers": "answer-checking subprocesses",
+    "verifier.timeout_s": "hard limit per comparison (a timeout counts as wrong)",
+}
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -30,9 +49,11 @@ def defaults() -> ml_collections.ConfigDict:
   c.samples = 1                          # k responses per problem
   c.system_prompt = ""
   c.output_dir = "outputs/eval"
+  c.overwrite = False
   c.batch_size = 16                      # rows per sampler call (problems x k)
   c.model = common.model_config()
   c.sampling = generate.sampling_config()
+  del c.sampling["n"]                    # k is `samples`
   c.sampling.temperature = 0.6
   c.sampling.top_p = 0.95
   c.sampling.max_new_tokens = 1024
@@ -44,38 +65,82 @@ def benchmark_name(spec: str) -> str:
   return Path(spec).stem if spec.endswith(".jsonl") else spec
 
 
+def check(config: ml_collections.ConfigDict) -> None:
+  """Config values, before anything is read or written."""
+  common.check_base(config)
+  common.require(bool(benchmark_specs(config)), "benchmarks", config.benchmarks, "name at least one benchmark")
+  common.require(config.limit >= -1, "limit", config.limit, "must be >= 0, or -1 for all problems")
+  common.require(config.samples >= 1, "samples", config.samples, "must be >= 1")
+  common.require(config.batch_size >= 1, "batch_size", config.batch_size, "must be >= 1")
+  common.require(bool(config.output_dir), "output_dir", config.output_dir, "an output directory is required")
+  common.require(config.verifier.workers >= 1, "verifier.workers", config.verifier.workers, "must be >= 1")
+  common.require(config.verifier.timeout_s > 0, "verifier.timeout_s", config.verifier.timeout_s, "must be > 0")
+  common.check_sampling(config.sampling, n=config.samples)
+
+
+def benchmark_specs(config: ml_collections.ConfigDict) -> list[str]:
+  return [s.strip() for s in config.benchmarks.split(",") if s.strip()]
+
+
+def load_problems(config: ml_collections.ConfigDict) -> dict:
+  """{benchmark name: problems (the first `limit`)}; a missing or malformed benchmark is named."""
+  from astro_jax import data
+  problems = {}
+  for spec in benchmark_specs(config):
+    name = benchmark_name(spec)
+    common.require(name not in problems, "benchmarks", config.benchmarks, f"{name!r} appears twice")
+    try:
+      loaded = data.load_benchmark(spec)
+    except FileNotFoundError as e:
+      raise UserError(f"config key 'benchmarks': {e}") from None
+    if not loaded:
+      raise UserError(f"benchmark {spec}: no problems")
+    problems[name] = loaded[:config.limit] if config.limit >= 0 else loaded
+  return problems
+
+
 def run(config: ml_collections.ConfigDict) -> None:
   from astro_jax import data, eval_metrics, prompts, verifier
   from astro_jax.sampler import Sampler
 
+  check(config)
+  problems = load_problems(config)
+  ckpt, model_cfg = common.inspect_checkpoint(config)
+  tokenizer = common.load_tokenizer(config, ckpt, model_cfg)
+  system = config.system_prompt or None
+  prompt_ids = {(name, p.id): tokenizer.encode_prompt(tokenizer.chat(prompts.math_messages(p.problem, system)))
+                for name, ps in problems.items() for p in ps}
+  keys = list(prompt_ids)
+  common.check_prompt_lengths([len(prompt_ids[k]) for k in keys], config.sampling.max_new_tokens,
+                              model_cfg.max_position_embeddings, lambda i: f"benchmark {keys[i][0]}, problem "
+                              f"{keys[i][1]!r}")
   out_dir = Path(config.output_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  common.guard_settings(out_dir / "run_config.json", {
-      k: (config[k].to_dict() if isinstance(config[k], ml_collections.ConfigDict) else config[k]) for k in _RUN_KEYS})
-  specs = [s.strip() for s in config.benchmarks.split(",") if s.strip()]
-  problems = {benchmark_name(s): data.load_benchmark(s) for s in specs}  # fail on bad data before loading a model
-  if config.limit >= 0:
-    problems = {name: ps[:config.limit] for name, ps in problems.items()}
+  common.require(not out_dir.is_file(), "output_dir", config.output_dir, "is a file; name a directory")
+  record = common.SettingsRecord(out_dir / "run_config.json", common.to_settings(config, _RUN_KEYS),
+                                 config.overwrite)
+  results = [out_dir / f"{name}.jsonl" for name in problems] + [out_dir / "summary.json"]
+  record.check(results, "output_dir")
+  stale = results + [out_dir / "summary.md"]
 
   sharder = common.setup_mesh(config, "sample")
-  model, tokenizer = common.load_model_and_tokenizer(config, sharder)
+  model = common.load_model(config, ckpt, sharder)
   sampler = Sampler(model, tokenizer, sharder=sharder, max_batch=config.batch_size)
-  params = dataclasses.replace(generate.sampling_params(config.sampling), n=config.samples)
+  params = generate.sampling_params(config.sampling, n=config.samples)
   per_call = max(1, config.batch_size // config.samples)
-  system = config.system_prompt or None
+  out_dir.mkdir(parents=True, exist_ok=True)
 
   summaries = {}
   with verifier.VerifierPool(config.verifier.workers, config.verifier.timeout_s) as pool:
     for name, todo_all in problems.items():
       rows_path = out_dir / f"{name}.jsonl"
-      done = {row["id"] for row in data.read_jsonl_rows(rows_path, missing_ok=True)}
+      done = ({row["id"] for row in data.read_jsonl_rows(rows_path, missing_ok=True)} if record.matches()
+              else set())
       todo = [p for p in todo_all if p.id not in done]
       bar = tqdm(total=len(todo_all), initial=len(todo_all) - len(todo), desc=f"eval {name}", unit="problem")
       for start in range(0, len(todo), per_call):
         chunk = todo[start:start + per_call]
-        prompt_ids = [tokenizer.encode_prompt(tokenizer.chat(prompts.math_messages(p.problem, system)))
-                      for p in chunk]
-        results = sampler.generate(prompt_ids, params)
+        results = sampler.generate([prompt_ids[name, p.id] for p in chunk], params, keys=[p.id for p in chunk])
+        record.record(stale)
         texts = [c.text for completions in results for c in completions]
         golds = [p.answer for p, completions in zip(chunk, results) for _ in completions]
         verdicts = iter(pool.verify(texts, golds))
@@ -90,8 +155,9 @@ def run(config: ml_collections.ConfigDict) -> None:
           data.append_jsonl(rows_path, {"id": p.id, "benchmark": name, "gold": p.answer, "samples": samples})
           bar.update(1)
       bar.close()
+      record.record(stale)  # nothing was left to sample: the old rows are this run's
       wanted = {p.id for p in todo_all}
-      rows = [r for r in data.read_jsonl_rows(rows_path) if r["id"] in wanted]
+      rows = [r for r in data.read_jsonl_rows(rows_path, missing_ok=True) if r["id"] in wanted]
       per_problem = [[eval_metrics.Sample(s["correct"], s["answer"], s["n_tokens"], s["reflections"])
                       for s in r["samples"]] for r in rows]
       summaries[name] = eval_metrics.summarize(per_problem)

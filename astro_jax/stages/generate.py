@@ -3,18 +3,38 @@
 Input rows have `prompt` (raw text) or `messages` (chat; rendered with the tokenizer's own chat template, else
 the Llama 3 chat format). Output rows keep the input's fields and add `completions`: a list of n
 `{text, token_ids, logprobs, finish_reason}`. With no input, the first `num_prompts` MATH-500 problems are
-asked with the ASTRO instruction (the README's demo).
+asked with the ASTRO instruction (the README's demo). Rows with a gold `answer` are graded, and the run ends with
+a summary: answers right against the gold, finish reasons, tokens per second.
+
+A row's samples are seeded by (sampling.seed, its index in the input, sample index): the same for any batch_size
+or resume point. Finished rows are appended to `<output>.partial`; a killed run resumes from it; the output is
+written atomically at the end. `<output>.settings.json` records the settings that shape results: a rerun with the
+same ones finds the output complete, other settings are refused unless `overwrite`.
 """
 from __future__ import annotations
 
 import logging
-import os
+import time
 from pathlib import Path
 
 import ml_collections
 from tqdm import tqdm
 
+from astro_jax.errors import UserError
 from astro_jax.stages import common
+
+# Settings that change results; batch_size, mesh and model.* only change how fast they come.
+_RUN_KEYS = ("checkpoint", "tokenizer", "input", "num_prompts", "sampling")
+
+HELP = {
+    "checkpoint": "Orbax or HF checkpoint directory, or an asset (asset:smollm2)",
+    "tokenizer": "tokenizer directory (default: the checkpoint's own)",
+    "input": "JSONL with `prompt` or `messages` per row (\"\": the MATH-500 demo prompts)",
+    "num_prompts": "with no input: how many MATH-500 problems",
+    "output": "output JSONL (beside it: .partial while running, .settings.json)",
+    "overwrite": "replace an output made with other settings",
+    "batch_size": "rows (prompts x n) per sampler call; does not change results",
+}
 
 
 def sampling_config() -> ml_collections.ConfigDict:
@@ -22,78 +42,119 @@ def sampling_config() -> ml_collections.ConfigDict:
                                     "stop": (), "seed": 0})
 
 
+SAMPLING_HELP = {
+    "sampling.temperature": "0 = greedy",
+    "sampling.top_p": "nucleus mass in (0, 1] (1 = off)",
+    "sampling.top_k": "0 = off",
+    "sampling.max_new_tokens": "token budget per completion",
+    "sampling.n": "samples per prompt",
+    "sampling.stop": "strings that end a completion (cut before them)",
+    "sampling.seed": "with the row's identity and sample index, all the randomness",
+}
+
+
 def defaults() -> ml_collections.ConfigDict:
   c = common.base_config("generate")
-  c.checkpoint = "asset:smollm2"  # Orbax or HF checkpoint dir, or an asset
-  c.tokenizer = ""                # default: the checkpoint's own tokenizer files
-  c.input = ""                    # JSONL with `prompt` or `messages`; "" = MATH-500 demo prompts
-  c.num_prompts = 4               # with no input: how many MATH-500 problems
+  c.checkpoint = "asset:smollm2"
+  c.tokenizer = ""
+  c.input = ""
+  c.num_prompts = 4
   c.output = "outputs/generate.jsonl"
-  c.batch_size = 16               # rows per sampler call (prompts x n)
+  c.overwrite = False
+  c.batch_size = 16
   c.model = common.model_config()
   c.sampling = sampling_config()
   return c
 
 
-def sampling_params(c: ml_collections.ConfigDict):
+def sampling_params(c: ml_collections.ConfigDict, **overrides):
   from astro_jax.sampler import SamplingParams
-  stop = tuple(s for s in c.stop if s)
-  return SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, max_new_tokens=c.max_new_tokens,
-                        n=c.n, stop=stop, seed=c.seed)
+  values = dict(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, max_new_tokens=c.max_new_tokens,
+                n=c.get("n", 1), stop=tuple(s for s in c.stop if s), seed=c.seed)
+  return SamplingParams(**{**values, **overrides})
 
 
-def read_rows(config: ml_collections.ConfigDict) -> list[dict]:
+def check(config: ml_collections.ConfigDict) -> None:
+  """Config values, before anything is read or written."""
+  common.check_base(config)
+  common.require(config.batch_size >= 1, "batch_size", config.batch_size, "must be >= 1")
+  common.require(config.num_prompts >= 1, "num_prompts", config.num_prompts, "must be >= 1")
+  common.require(bool(config.output), "output", config.output, "an output path is required")
+  common.require(not Path(config.output).is_dir(), "output", config.output, "is a directory; name a .jsonl file")
+  common.check_sampling(config.sampling)
+
+
+def read_rows(config: ml_collections.ConfigDict) -> tuple[list[dict], list[str]]:
+  """Input rows and where each came from (`file:line`, for messages)."""
   from astro_jax import data, prompts
   if not config.input:
     problems = data.load_benchmark("math500")[:config.num_prompts]
-    return [{"id": p.id, "messages": prompts.math_messages(p.problem), "answer": p.answer} for p in problems]
-  rows = data.read_jsonl_rows(config.input, torn_tail_ok=False)
-  for i, row in enumerate(rows, 1):
+    rows = [{"id": p.id, "messages": prompts.math_messages(p.problem), "answer": p.answer} for p in problems]
+    return rows, [f"math500 problem {p.id}" for p in problems]
+  path = common.input_file(config.input, "input")
+  numbered = data.read_jsonl_lines(path, torn_tail_ok=False)
+  if not numbered:
+    raise UserError(f"{config.input}: no rows (only blank lines)")
+  for lineno, row in numbered:
     if not isinstance(row.get("prompt"), str) and not isinstance(row.get("messages"), list):
-      raise ValueError(f"{config.input}:{i}: a row needs 'prompt' (string) or 'messages' (list of "
-                       f"{{role, content}})")
-  return rows
+      raise data.DataError(f"{config.input}:{lineno}: a row needs 'prompt' (string) or 'messages' (list of "
+                           f"{{role, content}})")
+    if "messages" in row and "prompt" not in row:
+      try:
+        prompts.check_messages(row["messages"])
+      except ValueError as e:
+        raise data.DataError(f"{config.input}:{lineno}: {e}") from None
+  return [row for _, row in numbered], [f"{config.input}:{lineno}" for lineno, _ in numbered]
 
 
 def prompt_text(row: dict, tokenizer) -> str:
   return row["prompt"] if "prompt" in row else tokenizer.chat(row["messages"])
 
 
-def _settings_path(partial: Path) -> Path:
-  """Where a partial output records the settings it was generated with."""
-  return partial.with_name(partial.name + ".settings.json")
-
-
-def _resume(config: ml_collections.ConfigDict, partial: Path) -> dict[int, dict]:
-  """Rows already generated by an earlier (killed) run with the same settings, by input index."""
-  from astro_jax import data
-  common.guard_settings(_settings_path(partial), {
-      "checkpoint": config.checkpoint, "input": config.input, "num_prompts": config.num_prompts,
-      "sampling": config.sampling.to_dict()})
-  return {row.pop("_index"): row for row in data.read_jsonl_rows(partial, missing_ok=True)}
+def settings_path(config: ml_collections.ConfigDict) -> Path:
+  return Path(config.output + ".settings.json")
 
 
 def run(config: ml_collections.ConfigDict) -> None:
-  """Generate; rows are appended to `<output>.partial` as they finish (a killed run resumes from it), and the
-  output is written atomically, in input order, at the end."""
+  """Generate; see the module docstring for resumption and what is refused."""
   from astro_jax import data
   from astro_jax.sampler import Sampler
 
-  rows = read_rows(config)
-  os.makedirs(os.path.dirname(os.path.abspath(config.output)), exist_ok=True)
-  partial = Path(config.output + ".partial")
-  done = _resume(config, partial)
-  todo = [i for i in range(len(rows)) if i not in done]
+  check(config)
+  rows, where = read_rows(config)
+  ckpt, model_cfg = common.inspect_checkpoint(config)
+  tokenizer = common.load_tokenizer(config, ckpt, model_cfg)
+  prompt_ids = [tokenizer.encode_prompt(prompt_text(row, tokenizer)) for row in rows]
+  common.check_prompt_lengths([len(x) for x in prompt_ids], config.sampling.max_new_tokens,
+                              model_cfg.max_position_embeddings, lambda i: where[i])
+  output, partial = Path(config.output), Path(config.output + ".partial")
+  record = common.SettingsRecord(settings_path(config), common.to_settings(config, _RUN_KEYS), config.overwrite)
+  record.check([output, partial], "output")
+  if output.exists() and record.matches():
+    print(f"{output} is complete (same settings); nothing to do")
+    summarize(data.read_jsonl_rows(output), output)
+    return
 
+  done = {}
+  if record.matches():  # a killed run of the same settings: reuse its rows
+    done = {row.pop("_index"): row for row in data.read_jsonl_rows(partial, missing_ok=True)}
+  todo = [i for i in range(len(rows)) if i not in done]
   sharder = common.setup_mesh(config, "sample")
-  model, tokenizer = common.load_model_and_tokenizer(config, sharder)
+  model = common.load_model(config, ckpt, sharder)
   sampler = Sampler(model, tokenizer, sharder=sharder, max_batch=config.batch_size)
   params = sampling_params(config.sampling)
   per_call = max(1, config.batch_size // params.n)
+  output.parent.mkdir(parents=True, exist_ok=True)
+  seconds, new_tokens = 0.0, 0
   bar = tqdm(total=len(rows), initial=len(done), desc="generate", unit="prompt")
   for start in range(0, len(todo), per_call):
     chunk = todo[start:start + per_call]
-    results = sampler.generate([tokenizer.encode_prompt(prompt_text(rows[i], tokenizer)) for i in chunk], params)
+    began = time.perf_counter()
+    results = sampler.generate([prompt_ids[i] for i in chunk], params, keys=chunk)
+    seconds += time.perf_counter() - began
+    new_tokens += sum(len(c.token_ids) for completions in results for c in completions)
+    if start == 0:
+      record.record(stale=[output, partial])
     for i, completions in zip(chunk, results):
       done[i] = {**rows[i], "completions": [
           {"text": c.text, "token_ids": list(map(int, c.token_ids)), "logprobs": [float(x) for x in c.logprobs],
@@ -101,11 +162,37 @@ def run(config: ml_collections.ConfigDict) -> None:
       data.append_jsonl(partial, {"_index": i, **done[i]})
     bar.update(len(chunk))
   bar.close()
+  if not todo:
+    record.record(stale=[output])
   out_rows = [done[i] for i in range(len(rows))]
-  data.write_jsonl_atomic(config.output, out_rows)
-  partial.unlink()
-  _settings_path(partial).unlink()
-  logging.info("wrote %d rows to %s", len(out_rows), config.output)
-  for row in out_rows[:3]:
-    print(f"--- {row.get('id', '')}\n{row['completions'][0]['text'][:400]}")
-  print(f"wrote {len(out_rows)} rows to {config.output}")
+  data.write_jsonl_atomic(output, out_rows)
+  partial.unlink(missing_ok=True)
+  logging.info("wrote %d rows to %s", len(out_rows), output)
+  summarize(out_rows, output, (new_tokens, seconds))
+
+
+def summarize(rows: list[dict], output: Path, speed: tuple[int, float] | None = None) -> dict:
+  """Print what a user can act on: answers right against the gold (rows with `answer`), finish reasons, speed."""
+  from astro_jax import verifier
+  completions = [c for row in rows for c in row["completions"]]
+  n_tokens = sum(len(c["token_ids"]) for c in completions)
+  reasons = {r: sum(c["finish_reason"] == r for c in completions) for r in ("eos", "stop", "length")}
+  summary = {"rows": len(rows), "completions": len(completions), "tokens": n_tokens, "finish_reasons": reasons}
+  for row in rows[:2]:
+    print(f"--- {row.get('id', '')}\n{row['completions'][0]['text'][:300]}")
+  graded = [(c["text"], row["answer"]) for row in rows if isinstance(row.get("answer"), str)
+            for c in row["completions"]]
+  lines = [f"wrote {len(rows)} rows ({len(completions)} completions, {n_tokens} tokens) to {output}"]
+  if graded:
+    verdicts = verifier.verify_batch([t for t, _ in graded], [g for _, g in graded], workers=1)
+    right = sum(v.correct for v in verdicts)
+    no_answer = sum(v.answer is None for v in verdicts)
+    summary.update(graded=len(graded), correct=right, no_answer=no_answer)
+    lines.append(f"answers: {right}/{len(graded)} right against the gold; {no_answer} with no final answer")
+  lines.append("finish reasons: " + ", ".join(f"{k} {v}" for k, v in reasons.items()))
+  if speed and speed[1] > 0:
+    summary["tokens_per_s"] = speed[0] / speed[1]
+    lines.append(f"speed: {speed[0]} tokens in {speed[1]:.1f} s of sampling = {summary['tokens_per_s']:.1f} "
+                 f"tokens/s (this run; includes compilation)")
+  print("\n".join(lines))
+  return summary

@@ -1,0 +1,14 @@
+"""User errors: bad config, bad input, bad checkpoint. The entry points print their message as one line and exit
+with status 2; anything else is an internal error and keeps its traceback."""
+from __future__ import annotations
+
+
+class UserError(ValueError):
+  """Something the user gave is wrong; the message names what and where (file, line, key, tensor)."""
+
+
+class ConfigError(UserError):
+  """An unknown config key, a wrong type or a bad value."""
+
+
+EXIT_USER_ERROR = 2
