@@ -37,12 +37,12 @@ def export_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, 
   """De-quantize a Llama GGUF file into an fp32 HF checkpoint directory.
 
   An existing `out_dir` is refused (before loading anything) unless `overwrite`; written atomically, with the
-  user's umask modes, like every checkpoint writer (`checkpoint.atomic_output_dir`).
+  user's umask modes, like every checkpoint writer (`files.atomic_output_dir`).
   """
-  from astro_jax import checkpoint
+  from astro_jax import checkpoint, files
 
   gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-  checkpoint.prepare_output(out_dir, overwrite)
+  files.prepare_output(out_dir, overwrite)
   if not gguf_path.is_file():
     raise checkpoint.CheckpointNotFoundError(f"GGUF file {gguf_path} does not exist")
   import torch
@@ -59,7 +59,7 @@ def export_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, 
         delattr(model, attr)
       except AttributeError:
         pass
-  with checkpoint.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+  with files.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
   return out_dir

@@ -15,17 +15,13 @@ directory the user's umask modes, and rename at the end.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
 import re
-import secrets
 import shutil
-import socket
 import struct
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -36,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from astro_jax.errors import UserError
+from astro_jax.files import atomic_output_dir, prepare_output
 from astro_jax.model.config import ModelConfig, RopeScaling, from_hf_config, to_hf_config
 from astro_jax.model.llama import LAYER_WEIGHTS, Llama, abstract_model, weight_specs
 from astro_jax.sharding import Sharder, state_shardings
@@ -59,8 +56,6 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
   """A checkpoint, or a file it needs, does not exist."""
 
 
-class OutputExistsError(UserError, FileExistsError):
-  """The output path exists and overwriting was not asked for."""
 
 
 # --- The one mapping between HF tensor names/layouts and ours -----------------------------------------------
@@ -516,141 +511,6 @@ def _write_json(path: Path, obj) -> None:
   with open(path, "w") as f:
     json.dump(obj, f, indent=2)
     f.write("\n")
-
-
-# --- writing outputs: never replace unasked, temporary siblings, leftovers of killed writers, umask modes ------
-
-_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
-
-
-def _sibling_prefix(out: Path, kind: str) -> str:
-  """`.NAME.tmp-<pid>@<host>-` (or `.old-`): the owner of a leftover stays recoverable after a kill."""
-  return f".{out.name}.{kind}-{os.getpid()}@{_HOST}-"
-
-
-def _leftover_owner(out: Path, name: str) -> tuple[str, int, str] | None:
-  """(kind, pid, host) when `name` is a temporary sibling of `out`."""
-  match = re.fullmatch(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)@(.+)-[A-Za-z0-9_]+", name)
-  return (match.group(1), int(match.group(2)), match.group(3)) if match else None
-
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except (OSError, OverflowError):  # PermissionError: another user's live process; odd pids: keep the files
-    return True
-  return True
-
-
-def _remove(path: Path) -> None:
-  if path.is_dir() and not path.is_symlink():
-    shutil.rmtree(path, ignore_errors=True)
-  else:
-    path.unlink(missing_ok=True)
-
-
-def _output_path(out: str | os.PathLike) -> Path:
-  """`out` as a normalized absolute path that names an entry of a parent directory."""
-  path = Path(os.path.abspath(out))
-  if not path.name:
-    raise UserError(f"cannot write a checkpoint to {out}: name a directory to create")
-  return path
-
-
-def remove_stale_leftovers(out: str | os.PathLike) -> list[Path]:
-  """Clear temporary siblings of `out` whose writer (on this host) no longer runs, e.g. after a SIGKILL.
-
-  A `.old-` sibling whose writer died between moving `out` aside and moving the new output in is the previous
-  output: it is moved back to `out`. Returns what was removed or restored.
-  """
-  out = _output_path(out)
-  try:
-    entries = sorted(out.parent.iterdir())
-  except (FileNotFoundError, NotADirectoryError):
-    return []
-  handled = []
-  for entry in entries:
-    owner = _leftover_owner(out, entry.name)
-    if owner is None or owner[2] != _HOST or owner[1] == os.getpid() or _pid_alive(owner[1]):
-      continue
-    if owner[0] == "old" and not (out.exists() or out.is_symlink()):
-      os.replace(entry, out)
-    else:
-      _remove(entry)
-    handled.append(entry)
-  return handled
-
-
-def prepare_output(out: str | os.PathLike, overwrite: bool = False, *, hint: str = "--overwrite") -> Path:
-  """Call before any work: clears dead writers' leftovers, then refuses an existing file or directory at `out`
-  unless `overwrite` (`hint` says how to ask for it)."""
-  out = _output_path(out)
-  remove_stale_leftovers(out)
-  if not overwrite and (out.exists() or out.is_symlink()):
-    kind = "directory" if out.is_dir() else "file"
-    raise OutputExistsError(f"{out} already exists (a {kind}); pass {hint} to replace it")
-  return out
-
-
-def _umask() -> int:
-  """The process umask, read without changing it (Linux), else once by setting and restoring it."""
-  try:
-    for line in Path("/proc/self/status").read_text().splitlines():
-      if line.startswith("Umask:"):
-        return int(line.split()[1], 8)
-  except (OSError, ValueError, IndexError):
-    pass
-  return _umask_fallback()
-
-
-@functools.cache
-def _umask_fallback() -> int:
-  old = os.umask(0o077)  # restrictive for the instant it is set
-  os.umask(old)
-  return old
-
-
-def apply_umask(root: str | os.PathLike) -> None:
-  """Give `root` and everything under it the modes plain mkdir/open give (0777/0666 less the umask): mkdtemp
-  makes 0700 directories, and some writers (tempfile, safetensors) make 0600 files."""
-  mask = _umask()
-  modes = {True: 0o777 & ~mask, False: 0o666 & ~mask}
-  os.chmod(root, modes[True])
-  for base, dirs, files in os.walk(root):
-    for name in dirs + files:
-      path = os.path.join(base, name)
-      if not os.path.islink(path):
-        os.chmod(path, modes[name in dirs])
-
-
-@contextmanager
-def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False,
-                      hint: str = "--overwrite") -> Iterator[Path]:
-  """Yield a temporary sibling directory; on success it gets umask modes and becomes `out`.
-
-  An existing `out` is refused unless `overwrite`, and then kept until the new output is complete. On any error
-  the temporary directory is removed; if the process is killed, the next write to `out` removes it.
-  """
-  out = _output_path(out)
-  prepare_output(out, overwrite, hint=hint)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=_sibling_prefix(out, "tmp"), dir=out.parent))
-  try:
-    yield tmp
-    apply_umask(tmp)
-    prepare_output(out, overwrite, hint=hint)  # nothing appeared meanwhile
-    if out.exists() or out.is_symlink():
-      old = out.with_name(_sibling_prefix(out, "old") + secrets.token_hex(4))
-      os.replace(out, old)
-      os.replace(tmp, out)
-      _remove(old)
-    else:
-      os.replace(tmp, out)
-  finally:
-    if tmp.exists():
-      _remove(tmp)
 
 
 # --- Orbax ------------------------------------------------------------------------------------------------------

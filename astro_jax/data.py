@@ -5,13 +5,12 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from astro_jax.errors import UserError
+from astro_jax.files import write_text_atomic  # noqa: F401  (data.write_text_atomic: the one atomic writer)
 
 logger = logging.getLogger(__name__)
 
@@ -100,78 +99,6 @@ def _dumps(row: Mapping[str, Any]) -> str:
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
   """Write rows so that `path` is either the old file or the complete new one, never a partial write."""
   write_text_atomic(path, (_dumps(row) for row in rows))
-
-
-def write_text_atomic(path: str | os.PathLike, text: str | Iterable[str]) -> None:
-  """Write text (or chunks of it) to a temporary sibling, fsync, then rename over `path`. The file gets the mode
-  the user's umask gives; temporary siblings left by a killed writer are removed."""
-  path = Path(path)
-  prefix = f".{path.name}.tmp-"
-  remove_stale_siblings(path.parent, prefix)
-  fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", dir=path.parent)
-  try:
-    os.fchmod(fd, 0o666 & ~UMASK)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      for chunk in ([text] if isinstance(text, str) else text):
-        f.write(chunk)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
-  _fsync_dir(path.parent)
-
-
-def _read_umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
-
-
-UMASK = _read_umask()  # read once at import (setting it is process-wide); new files get 0o666 & ~UMASK
-
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
-def remove_stale_siblings(directory: str | os.PathLike, prefix: str) -> list[Path]:
-  """Remove `prefix<pid>-*` files and folders in `directory` whose writer (process pid) is gone: what a killed
-  atomic writer leaves behind. Returns what was removed."""
-  removed = []
-  try:
-    entries = list(Path(directory).iterdir())
-  except FileNotFoundError:
-    return removed
-  for entry in entries:
-    pid = entry.name[len(prefix):].split("-", 1)[0] if entry.name.startswith(prefix) else ""
-    if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-      if entry.is_dir() and not entry.is_symlink():
-        shutil.rmtree(entry, ignore_errors=True)
-      else:
-        entry.unlink(missing_ok=True)
-      removed.append(entry)
-  return removed
-
-
-def _fsync_dir(directory: Path) -> None:
-  try:
-    fd = os.open(directory, os.O_RDONLY)
-  except OSError:  # not supported on every platform
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
 
 
 def append_jsonl(path: str | os.PathLike, row: Mapping[str, Any], *, fsync: bool = True) -> None:

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 import transformers
 
-from astro_jax import assets, checkpoint, stages
-from astro_jax.checkpoint import CheckpointError, OutputExistsError
+from astro_jax import assets, checkpoint, files, stages
+from astro_jax.checkpoint import CheckpointError
+from astro_jax.files import OutputExistsError
 from astro_jax.errors import EXIT_USER_ERROR, UserError
 from tests.conftest import REPO, make_tiny_llama31_hf
 from tests.test_checkpoint import assert_bit_identical
@@ -421,14 +422,14 @@ def test_leftovers_of_a_killed_export_are_removed_by_the_next(tiny_ckpt, tmp_pat
 
 
 def test_only_dead_writers_leftovers_are_removed(tmp_path):
-  host, dead = checkpoint._HOST, dead_pid()
+  host, dead = files._HOST, dead_pid()
   keep = [f".out.tmp-{os.getpid()}@{host}-mine", f".out.tmp-{os.getppid()}@{host}-alive",
           f".out.tmp-{dead}@elsewhere-other_host", f".other.tmp-{dead}@{host}-other_output", f"out.tmp-{dead}-x"]
   remove = [f".out.tmp-{dead}@{host}-dead", f".out.old-{dead}@{host}-dead"]
   for name in keep + remove:
     (tmp_path / name).mkdir()
   (tmp_path / "out").mkdir()
-  checkpoint.remove_stale_leftovers(tmp_path / "out")
+  files.remove_stale_leftovers(tmp_path / "out")
   assert sorted(os.listdir(tmp_path)) == sorted(keep + ["out"])
 
   # A writer killed between moving the old output aside and moving the new one in: the old one comes back.
@@ -436,7 +437,7 @@ def test_only_dead_writers_leftovers_are_removed(tmp_path):
   old = tmp_path / f".out.old-{dead}@{host}-x1"
   (old / "sub").mkdir(parents=True)
   (old / "sub" / "f.txt").write_text("previous output")
-  checkpoint.remove_stale_leftovers(tmp_path / "out")
+  files.remove_stale_leftovers(tmp_path / "out")
   assert (tmp_path / "out" / "sub" / "f.txt").read_text() == "previous output" and not old.exists()
 
 

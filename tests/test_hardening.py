@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from astro_jax import data, main, stages, verifier
+from astro_jax import data, files, main, stages, verifier
 from astro_jax.errors import ConfigError, UserError
 from astro_jax.stages import common
 from tests.conftest import REPO
@@ -242,13 +242,13 @@ def test_runs_are_quiet_write_umask_modes_and_end_with_a_summary(tmp_path, tiny_
 
 
 def test_atomic_writes_use_the_umask_and_clean_up_after_killed_writers(tmp_path):
-  stale = tmp_path / ".out.json.tmp-999999999-abc"  # a pid that cannot be alive
+  stale = tmp_path / f".out.json.tmp-999999999@{files._HOST}-abc"  # a pid that cannot be alive
   stale.write_text("half")
-  live = tmp_path / f".out.json.tmp-{os.getppid()}-abc"  # a live process's temporary file is left alone
+  live = tmp_path / f".out.json.tmp-{os.getppid()}@{files._HOST}-abc"  # a live writer's file is left alone
   live.write_text("busy")
-  data.write_text_atomic(tmp_path / "out.json", "{}\n")
+  files.write_text_atomic(tmp_path / "out.json", "{}\n")
   assert not stale.exists() and live.exists()
-  assert stat.S_IMODE((tmp_path / "out.json").stat().st_mode) == 0o666 & ~data.UMASK
+  assert stat.S_IMODE((tmp_path / "out.json").stat().st_mode) == 0o666 & ~files.umask()
   assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "out.json"]
 
 

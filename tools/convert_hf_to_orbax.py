@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   args = parser.parse_args(argv)
 
-  from astro_jax import checkpoint
+  from astro_jax import checkpoint, files
   try:
-    checkpoint.prepare_output(args.out, args.overwrite)
+    files.prepare_output(args.out, args.overwrite)
     out = checkpoint.convert_hf_to_orbax(args.hf_dir, args.out, dtype=args.dtype, sharder=_sharder(args.mesh),
                                          overwrite=args.overwrite)
   except (UserError, FileNotFoundError) as e:

@@ -41,14 +41,14 @@ def defaults() -> ml_collections.ConfigDict:
 
 def check(config: ml_collections.ConfigDict) -> None:
   """Config values and a free output, before anything is read or written."""
-  from astro_jax import checkpoint
+  from astro_jax import files
   common.check_base(config)
   common.require(config.direction in DIRECTIONS, "direction", config.direction, f"must be one of {tuple(DIRECTIONS)}")
   common.require(bool(config.input), "input", config.input, "a checkpoint directory (or asset:smollm2) is required")
   common.require(bool(config.output), "output", config.output, "an output directory is required")
   common.require(config.dtype in PARAM_DTYPES, "dtype", config.dtype, f"must be one of {PARAM_DTYPES}")
   common.require(config.max_shard_gb > 0, "max_shard_gb", config.max_shard_gb, "must be > 0")
-  checkpoint.prepare_output(config.output, config.overwrite, hint="--config.overwrite=True")
+  files.prepare_output(config.output, config.overwrite, hint="--config.overwrite=True")
 
 
 def run(config: ml_collections.ConfigDict) -> None:

@@ -1,0 +1,191 @@
+"""Writing outputs safely: never replace what exists unless asked, write into temporary siblings and rename,
+give files the modes the user's umask gives, and clear what a killed writer left behind.
+
+Temporary siblings are named `.NAME.tmp-<pid>@<host>-<random>` (and `.NAME.old-...` while a directory is swapped),
+so the next writer of NAME can tell a dead writer's leftovers from a live one's and remove them.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import secrets
+import shutil
+import socket
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from astro_jax.errors import UserError
+
+
+class OutputExistsError(UserError, FileExistsError):
+  """The output path exists and overwriting was not asked for."""
+
+
+_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+
+
+def _sibling_prefix(out: Path, kind: str) -> str:
+  """`.NAME.tmp-<pid>@<host>-` (or `.old-`): the owner of a leftover stays recoverable after a kill."""
+  return f".{out.name}.{kind}-{os.getpid()}@{_HOST}-"
+
+
+def _leftover_owner(out: Path, name: str) -> tuple[str, int, str] | None:
+  """(kind, pid, host) when `name` is a temporary sibling of `out`."""
+  match = re.fullmatch(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)@(.+)-[A-Za-z0-9_]+", name)
+  return (match.group(1), int(match.group(2)), match.group(3)) if match else None
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except (OSError, OverflowError):  # PermissionError: another user's live process; odd pids: keep the files
+    return True
+  return True
+
+
+def _remove(path: Path) -> None:
+  if path.is_dir() and not path.is_symlink():
+    shutil.rmtree(path, ignore_errors=True)
+  else:
+    path.unlink(missing_ok=True)
+
+
+def _output_path(out: str | os.PathLike) -> Path:
+  """`out` as a normalized absolute path that names an entry of a parent directory."""
+  path = Path(os.path.abspath(out))
+  if not path.name:
+    raise UserError(f"cannot write to {out}: name a file or directory to create")
+  return path
+
+
+def remove_stale_leftovers(out: str | os.PathLike) -> list[Path]:
+  """Clear temporary siblings of `out` whose writer (on this host) no longer runs, e.g. after a SIGKILL.
+
+  A `.old-` sibling whose writer died between moving `out` aside and moving the new output in is the previous
+  output: it is moved back to `out`. Returns what was removed or restored.
+  """
+  out = _output_path(out)
+  try:
+    entries = sorted(out.parent.iterdir())
+  except (FileNotFoundError, NotADirectoryError):
+    return []
+  handled = []
+  for entry in entries:
+    owner = _leftover_owner(out, entry.name)
+    if owner is None or owner[2] != _HOST or owner[1] == os.getpid() or _pid_alive(owner[1]):
+      continue
+    if owner[0] == "old" and not (out.exists() or out.is_symlink()):
+      os.replace(entry, out)
+    else:
+      _remove(entry)
+    handled.append(entry)
+  return handled
+
+
+def prepare_output(out: str | os.PathLike, overwrite: bool = False, *, hint: str = "--overwrite") -> Path:
+  """Call before any work: clears dead writers' leftovers, then refuses an existing file or directory at `out`
+  unless `overwrite` (`hint` says how to ask for it)."""
+  out = _output_path(out)
+  remove_stale_leftovers(out)
+  if not overwrite and (out.exists() or out.is_symlink()):
+    kind = "directory" if out.is_dir() else "file"
+    raise OutputExistsError(f"{out} already exists (a {kind}); pass {hint} to replace it")
+  return out
+
+
+def umask() -> int:
+  """The process umask, read without changing it (Linux), else once by setting and restoring it."""
+  try:
+    for line in Path("/proc/self/status").read_text().splitlines():
+      if line.startswith("Umask:"):
+        return int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  return _umask_fallback()
+
+
+@functools.cache
+def _umask_fallback() -> int:
+  old = os.umask(0o077)  # restrictive for the instant it is set
+  os.umask(old)
+  return old
+
+
+def apply_umask(root: str | os.PathLike) -> None:
+  """Give `root` and everything under it the modes plain mkdir/open give (0777/0666 less the umask): mkdtemp
+  makes 0700 directories, and some writers (tempfile, safetensors) make 0600 files."""
+  mask = umask()
+  modes = {True: 0o777 & ~mask, False: 0o666 & ~mask}
+  os.chmod(root, modes[True])
+  for base, dirs, files in os.walk(root):
+    for name in dirs + files:
+      path = os.path.join(base, name)
+      if not os.path.islink(path):
+        os.chmod(path, modes[name in dirs])
+
+
+@contextmanager
+def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False,
+                      hint: str = "--overwrite") -> Iterator[Path]:
+  """Yield a temporary sibling directory; on success it gets umask modes and becomes `out`.
+
+  An existing `out` is refused unless `overwrite`, and then kept until the new output is complete. On any error
+  the temporary directory is removed; if the process is killed, the next write to `out` removes it.
+  """
+  out = _output_path(out)
+  prepare_output(out, overwrite, hint=hint)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=_sibling_prefix(out, "tmp"), dir=out.parent))
+  try:
+    yield tmp
+    apply_umask(tmp)
+    prepare_output(out, overwrite, hint=hint)  # nothing appeared meanwhile
+    if out.exists() or out.is_symlink():
+      old = out.with_name(_sibling_prefix(out, "old") + secrets.token_hex(4))
+      os.replace(out, old)
+      os.replace(tmp, out)
+      _remove(old)
+    else:
+      os.replace(tmp, out)
+  finally:
+    if tmp.exists():
+      _remove(tmp)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str | Iterable[str]) -> None:
+  """Write text (or chunks of it) to a temporary sibling, fsync, then rename over `path`: `path` is always either
+  the old file or the complete new one. The file gets umask modes; dead writers' leftovers are removed first."""
+  path = _output_path(path)
+  remove_stale_leftovers(path)
+  fd, tmp = tempfile.mkstemp(prefix=_sibling_prefix(path, "tmp"), dir=path.parent)
+  try:
+    os.fchmod(fd, 0o666 & ~umask())
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      for chunk in ([text] if isinstance(text, str) else text):
+        f.write(chunk)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
+  fsync_dir(path.parent)
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+  """Make a rename or a new file in `directory` durable (where the platform supports it)."""
+  try:
+    fd = os.open(directory, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
