@@ -111,6 +111,9 @@ def sampling_problems(params) -> dict[str, str]:
   return {name: f"= {getattr(params, name)!r}: {why}" for name, (ok, why) in checks.items() if not ok}
 
 
+SEEDING = "blake2b-64(json([seed, key, sample])) -> fold_in(fold_in(key(0), hi), lo), then step"  # see stream_id
+
+
 def stream_id(seed: int, key: Any, sample: int) -> tuple[int, int]:
   """One row's 64-bit PRNG stream as two uint32 words: a hash of (seed, the request's key, sample index).
   `key` is any JSON value (an int, a string, a list of them): a stable identity given by the caller."""

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from astro_jax.data import write_text_atomic
+from astro_jax.files import write_text_atomic
 from sampler import code_version, device_name  # benchmarks/sampler.py (this script's directory)
 
 # SmolLM2-135M: D=576, 9 query / 3 kv heads of 64, F=1536, 30 layers, vocab 49152 (tied head).

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from astro_jax import assets
 from astro_jax.checkpoint import load_hf_model
-from astro_jax.data import write_text_atomic
+from astro_jax.files import write_text_atomic
 from astro_jax.sampler import Sampler, SamplingParams
 from astro_jax.tokenizer import Tokenizer
 

@@ -47,6 +47,30 @@ def make_tiny_llama31_hf(out_dir, dtype: torch.dtype = torch.float32, seed: int 
   return model
 
 
+def stage_config(name: str, **values):
+  """A stage's defaults with `values` set (dotted keys for groups: `sampling.n`)."""
+  from astro_jax import stages
+  config = stages.defaults(name)
+  for key, value in values.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def with_depths(record: dict) -> dict:
+  """A tree record (trees.jsonl format) whose nodes get their depth from the parent links."""
+  parents = {n["id"]: n["parent"] for n in record["nodes"]}
+  for n in record["nodes"]:
+    d, p = 0, n["parent"]
+    while p is not None:
+      d, p = d + 1, parents[p]
+    n["depth"] = d
+  return record
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir():
   """HF checkpoint of the real SmolLM2-135M-Instruct (exported once from the GGUF asset and cached)."""

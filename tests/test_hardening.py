@@ -16,18 +16,7 @@ import pytest
 from astro_jax import data, files, main, stages, verifier
 from astro_jax.errors import ConfigError, UserError
 from astro_jax.stages import common
-from tests.conftest import REPO
-
-
-def stage_config(name: str, **values):
-  config = stages.defaults(name)
-  for key, value in values.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+from tests.conftest import REPO, stage_config
 
 
 def run_main(*args: str, umask: int | None = None) -> subprocess.CompletedProcess:

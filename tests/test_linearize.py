@@ -10,6 +10,7 @@ import pytest
 from astro_jax import prompts, verifier
 from astro_jax.search import linearize, render
 from astro_jax.search.linearize import Backtrack, LinearizeConfig, Step
+from tests.conftest import with_depths
 
 _FRAC = re.compile(r"\\frac\{(-?\d+)\}\{(-?\d+)\}")
 
@@ -33,16 +34,6 @@ def real_equal(a: str, b: str) -> bool:
 def node(i, parent, text, q=0.5, terminal=False, answer=None, correct=None):
   return {"id": i, "parent": parent, "depth": 0, "text": text, "tokens": len(text.split()), "N": 1, "Q": q, "R": q,
           "prior": 0.5, "terminal": terminal, "answer": answer, "correct": correct}
-
-
-def with_depths(record):
-  parents = {n["id"]: n["parent"] for n in record["nodes"]}
-  for n in record["nodes"]:
-    d, p = 0, n["parent"]
-    while p is not None:
-      d, p = d + 1, parents[p]
-    n["depth"] = d
-  return record
 
 
 def tree_a():

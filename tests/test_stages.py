@@ -9,18 +9,7 @@ import numpy as np
 import pytest
 
 from astro_jax import data, stages, verifier
-from tests.conftest import REPO
-
-
-def stage_config(name: str, **values):
-  config = stages.defaults(name)
-  for key, value in values.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+from tests.conftest import REPO, stage_config
 
 
 def test_generate_stage_keeps_fields_and_writes_completions(tmp_path, smollm2_dir):

@@ -13,6 +13,7 @@ import pytest
 
 from astro_jax.search import render
 from astro_jax.search.linearize import TreeIndex
+from tests.conftest import with_depths
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "view_tree.py")
@@ -34,16 +35,6 @@ def node(i, parent, text, *, n=1, q=0.5, r=0.5, terminal=False, answer=None, cor
   return {"id": i, "parent": parent, "depth": 0, "text": text, "tokens": [1, 2, 3], "N": n, "Q": q,
           "R": None if parent is None else r, "prior": 1.0 if parent is None else prior, "terminal": terminal,
           "answer": answer, "correct": correct}
-
-
-def with_depths(record):
-  parents = {n["id"]: n["parent"] for n in record["nodes"]}
-  for n in record["nodes"]:
-    d, p = 0, n["parent"]
-    while p is not None:
-      d, p = d + 1, parents[p]
-    n["depth"] = d
-  return record
 
 
 def tree_t(tree_id="T"):

@@ -147,9 +147,11 @@ def check_prompt_lengths(lengths: list[int], max_new_tokens: int, max_positions:
 # --- the settings record of a resumable output --------------------------------------------------------------------
 
 def to_settings(config: ml_collections.ConfigDict, keys: tuple[str, ...]) -> dict:
-  """The values of `keys` as plain JSON (what a settings record compares)."""
+  """The values of `keys` as plain JSON (what a settings record compares), and how samples are seeded (results of
+  an older seeding scheme are never mixed with new ones)."""
+  from astro_jax.sampler import SEEDING
   values = {k: config[k].to_dict() if isinstance(config[k], ml_collections.ConfigDict) else config[k] for k in keys}
-  return json.loads(json.dumps(values))
+  return json.loads(json.dumps({**values, "seeding": SEEDING}))
 
 
 class SettingsRecord:
