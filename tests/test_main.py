@@ -26,7 +26,8 @@ def test_every_stage_has_locked_defaults_that_validate(name):
 
 
 @pytest.mark.parametrize("path", ["configs/default.py", "configs/generate.py", "configs/convert.py",
-                                  "configs/eval.py"])
+                                  "configs/eval.py", "configs/mcts.py", "configs/mcts_smollm2.py",
+                                  "configs/mcts_8b.py"])
 def test_shipped_configs_load_and_validate(path):
   config = main.load_config_file(f"{REPO}/{path}")
   main.validate(config)

@@ -11,6 +11,7 @@ STAGES: dict[str, str] = {
     "convert": "astro_jax.stages.convert",
     "generate": "astro_jax.stages.generate",
     "eval": "astro_jax.stages.eval",
+    "mcts": "astro_jax.stages.mcts",
 }
 
 
