@@ -18,6 +18,7 @@ from astro_jax.sampler import Completion
 from astro_jax.search import mcts
 from astro_jax.search.policy import LMPolicy, LMRewriter, LMVoter, self_eval_prompts
 from astro_jax.search.tree import NODE_FIELDS
+from tests import conftest
 from tests.conftest import REPO
 
 EASY = f"{REPO}/configs/data/easy_arith.jsonl"
@@ -29,14 +30,7 @@ TINY_SEARCH = {"k": 2, "rollouts": 2, "iterations": 3, "max_depth": 4, "step_max
 
 
 def stage_config(**values):
-  config = stages.defaults("mcts")
-  for key, value in values.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return conftest.stage_config("mcts", **values)
 
 
 def overrides(values: dict) -> list[str]:

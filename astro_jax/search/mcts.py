@@ -65,7 +65,7 @@ import json
 import math
 import threading
 import time
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Mapping, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -122,8 +122,9 @@ def search_config_problems(cfg: Any) -> dict[str, str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class ExpandRequest:
-  """Propose n next steps of `node` (each ends at the first `stop` string, EOS or `max_tokens`)."""
+class NodeRequest:
+  """What the policy is asked about one node: the state (problem + steps so far) and how to sample."""
+  KIND: ClassVar[str] = ""
   tree: int                              # the problem's position in this search: bookkeeping, never randomness
   problem_id: Any
   problem: str
@@ -137,35 +138,25 @@ class ExpandRequest:
   temperature: float
   top_p: float
   max_tokens: int
-  stop: tuple[str, ...]
 
   @property
   def key(self) -> list:
     """The stable identity that, with `seed`, must be the only source of this request's randomness."""
-    return ["expand", self.problem_id, self.iteration, self.node]
+    return [self.KIND, self.problem_id, self.iteration, self.node]
 
 
 @dataclasses.dataclass(frozen=True)
-class RolloutRequest:
-  """Continue `node` n times to a terminal (final answer, EOS or `max_tokens`; at most `max_steps` more steps)."""
-  tree: int
-  problem_id: Any
-  problem: str
-  node: int
-  iteration: int
-  depth: int
-  steps: tuple[str, ...]
-  step_tokens: tuple[tuple[int, ...], ...]
-  n: int
-  seed: int
-  temperature: float
-  top_p: float
-  max_tokens: int
-  max_steps: int
+class ExpandRequest(NodeRequest):
+  """Propose n next steps of `node` (each ends at the first `stop` string, EOS or `max_tokens`)."""
+  KIND: ClassVar[str] = "expand"
+  stop: tuple[str, ...] = ()
 
-  @property
-  def key(self) -> list:
-    return ["rollout", self.problem_id, self.iteration, self.node]
+
+@dataclasses.dataclass(frozen=True)
+class RolloutRequest(NodeRequest):
+  """Continue `node` n times to a terminal (final answer, EOS or `max_tokens`; at most `max_steps` more steps)."""
+  KIND: ClassVar[str] = "rollout"
+  max_steps: int = 1
 
 
 class Step(NamedTuple):

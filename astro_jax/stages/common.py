@@ -197,8 +197,10 @@ class SettingsRecord:
     data.write_text_atomic(self.path, json.dumps(self.settings, indent=2) + "\n")
 
 
-BASE_HELP = {
+BASE_HELP = {  # keys several stages share (a stage's own HELP overrides)
     "stage": "which stage runs (fixed by the config file)",
+    "checkpoint": "Orbax or HF checkpoint directory, or an asset (asset:smollm2)",
+    "tokenizer": "tokenizer directory (default: the checkpoint's own)",
     "seed": "run seed (stages that sample take theirs from sampling.seed)",
     "mesh.data": "devices on the data axis",
     "mesh.fsdp": "devices on the fsdp axis (-1: all remaining)",

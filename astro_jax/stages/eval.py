@@ -26,8 +26,6 @@ RENAMED = {"sampling.n": "samples"}  # keys of other stages that are spelled dif
 SAMPLING_HELP = {k: v for k, v in generate.SAMPLING_HELP.items() if k not in RENAMED}
 
 HELP = {
-    "checkpoint": "Orbax or HF checkpoint directory, or an asset (asset:smollm2)",
-    "tokenizer": "tokenizer directory (default: the checkpoint's own)",
     "benchmarks": "comma-separated: math500, amc23, aime24, gsm8k, or JSONL paths (id, problem, answer)",
     "limit": "the first N problems of each benchmark (-1: all)",
     "samples": "k responses per problem (pass@k, maj@k)",

@@ -27,8 +27,6 @@ from astro_jax.stages import common
 _RUN_KEYS = ("checkpoint", "tokenizer", "input", "num_prompts", "sampling")
 
 HELP = {
-    "checkpoint": "Orbax or HF checkpoint directory, or an asset (asset:smollm2)",
-    "tokenizer": "tokenizer directory (default: the checkpoint's own)",
     "input": "JSONL with `prompt` or `messages` per row (\"\": the MATH-500 demo prompts)",
     "num_prompts": "with no input: how many MATH-500 problems",
     "output": "output JSONL (beside it: .partial while running, .settings.json)",

@@ -69,7 +69,6 @@ TEMPLATE_KINDS = ("reflection", "negative", "positive", "backtrack", "restart")
 HELP = {
     "seed": "not used by this stage: see search.seed, linearize.seed, render.seed, self_eval.seed",
     "checkpoint": "the policy model: Orbax or HF checkpoint directory, or an asset (asset:smollm2); required",
-    "tokenizer": "tokenizer directory (default: the checkpoint's own)",
     "input": "JSONL with id, problem, answer per row, or a bundled benchmark (math500, amc23, aime24, gsm8k)",
     "limit": "the first N problems (-1: all)",
     "output_dir": "trees.jsonl, tree_stats.jsonl, sft.jsonl, direct.jsonl, summary.json, run_config.json",
