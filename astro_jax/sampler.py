@@ -328,6 +328,15 @@ def _decode(cfg: ModelConfig, sharder: Sharder | None, params: dict, cache: KVCa
 
 # --- Host side --------------------------------------------------------------------------------------------------
 
+def _fetch(tree):
+  """Device results -> NumPy on this host. Multi-host, rows live on every process's devices: all-gather them, so
+  that every process gets every row (and so makes the same decisions, e.g. identical search trees)."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+  from jax.experimental import multihost_utils
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
 def bucket(n: int, minimum: int = 16) -> int:
   """Smallest power of two >= max(n, minimum): the static sizes programs are compiled for."""
   return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
@@ -474,7 +483,7 @@ class Sampler:
     out, _ = self._decode(self.params, cache, logits, self._put(kv_mask_RS), self._put(pos_R),
                           jax.tree.map(self._put, row_params), table, stop_len, budget=N,
                           eos_ids=() if first.ignore_eos else self.eos_ids, pad_id=self.pad_id)
-    out = jax.tree.map(np.asarray, jax.device_get(out))
+    out = _fetch(out)
     lengths = out.lengths[:len(rows)]
     self.stats.batches += 1
     self.stats.rows += len(rows)

@@ -141,6 +141,7 @@ def maybe_initialize_distributed(enabled: bool, coordinator_address: str | None 
     return
   kwargs = {k: v for k, v in dict(coordinator_address=coordinator_address, num_processes=num_processes,
                                   process_id=process_id).items() if v not in (None, "", -1)}
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes' collectives (others: no effect)
   jax.distributed.initialize(**kwargs)
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())

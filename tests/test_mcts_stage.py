@@ -250,6 +250,38 @@ def test_resume_after_sigkill_gives_the_trees_of_an_uninterrupted_run(tmp_path, 
                                         **{**{f"search.{k}": v for k, v in TINY_SEARCH.items()}, "search.k": 3}))
 
 
+def test_two_processes_build_the_trees_one_process_builds(tmp_path, tiny_dir, toy_file):
+  """Multi-host: two processes (4 CPU devices each, gloo collectives, JAX's distributed runtime on 127.0.0.1)
+  search the same problems as one process with 8 devices on the same mesh: identical trees; only process 0
+  writes."""
+  import os
+  import socket
+  values = {"checkpoint": tiny_dir, "input": toy_file, "batch_problems": 4, "batch_size": 16, "mesh.data": -1,
+            "mesh.fsdp": 1, **{f"search.{k}": v for k, v in TINY_SEARCH.items()}}
+  cmd = [sys.executable, "-m", "astro_jax.main", f"--config={REPO}/configs/mcts.py", *overrides(values)]
+
+  def env(devices: int) -> dict:
+    return dict(os.environ, JAX_PLATFORMS="cpu",
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  single = subprocess.run(cmd + [f"--config.output_dir={tmp_path / 'single'}"], cwd=REPO, env=env(8),
+                          capture_output=True, text=True, timeout=600)
+  assert single.returncode == 0, single.stderr[-3000:]
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen(cmd + [f"--config.output_dir={tmp_path / 'multi'}", "--config.distributed.enabled=True",
+                                   f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                                   "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
+                            cwd=REPO, env=env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "mcts:" in outs[0][0] and "mcts:" not in outs[1][0]  # only process 0 reports (and writes)
+  by_id = lambda path: {r["id"]: r for r in data.read_jsonl_rows(path, torn_tail_ok=False)}  # noqa: E731
+  assert by_id(tmp_path / "multi" / "trees.jsonl") == by_id(tmp_path / "single" / "trees.jsonl")
+
+
 def test_bad_config_and_input_are_rejected_before_the_model_loads(tmp_path, tiny_dir, toy_file):
   out = str(tmp_path / "out")
   base = {"checkpoint": str(tmp_path / "no_such_checkpoint"), "input": str(toy_file), "output_dir": out}
