@@ -259,36 +259,31 @@ BAD_ORBAX = {  # kind -> (corrupt(ckpt_dir), file named, what is wrong, caught b
 }
 
 
-@pytest.mark.parametrize("kind", sorted(BAD_HF))
-def test_corrupted_hf_checkpoint_names_file(tiny_hf, tmp_path, capsys, kind):
-  corrupt, fname, what, caught_by = (*BAD_HF[kind], "il")[:4]
+def check_corruption(src, tmp_path, capsys, corruption, tool: str, in_flag: str) -> None:
+  """Corrupt a copy of `src`: inspect/load (as the table says) and the tool name the file in one line; the tool
+  exits 2 and leaves nothing behind."""
+  corrupt, fname, what, caught_by = corruption
   bad = tmp_path / "bad"
-  shutil.copytree(tiny_hf, bad)
+  shutil.copytree(src, bad)
   corrupt(bad)
   for read in [{"i": checkpoint.inspect_checkpoint, "l": checkpoint.load_model}[c] for c in caught_by]:
     with pytest.raises(CheckpointError, match=what) as info:
       read(bad)
     assert str(bad / fname) in str(info.value) and "\n" not in str(info.value)
   capsys.readouterr()
-  assert tool_main("convert_hf_to_orbax.py")(["--hf_dir", str(bad), "--out", str(tmp_path / "out")]) == 2
+  assert tool_main(tool)([in_flag, str(bad), "--out", str(tmp_path / "out")]) == 2
   assert_one_error_line(capsys.readouterr().err, str(bad / fname))
-  assert not (tmp_path / "out").exists() and sorted(os.listdir(tmp_path)) == ["bad"]
+  assert sorted(os.listdir(tmp_path)) == ["bad"]
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_HF))
+def test_corrupted_hf_checkpoint_names_file(tiny_hf, tmp_path, capsys, kind):
+  check_corruption(tiny_hf, tmp_path, capsys, (*BAD_HF[kind], "il")[:4], "convert_hf_to_orbax.py", "--hf_dir")
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_ORBAX))
 def test_corrupted_orbax_checkpoint_names_file(tiny_ckpt, tmp_path, capsys, kind):
-  corrupt, fname, what, caught_by = BAD_ORBAX[kind]
-  bad = tmp_path / "bad"
-  shutil.copytree(tiny_ckpt, bad)
-  corrupt(bad)
-  for read in [{"i": checkpoint.inspect_checkpoint, "l": checkpoint.load_model}[c] for c in caught_by]:
-    with pytest.raises(CheckpointError, match=what) as info:
-      read(bad)
-    assert str(bad / fname) in str(info.value) and "\n" not in str(info.value)
-  capsys.readouterr()
-  assert tool_main("convert_orbax_to_hf.py")(["--ckpt", str(bad), "--out", str(tmp_path / "out")]) == 2
-  assert_one_error_line(capsys.readouterr().err, str(bad / fname))
-  assert sorted(os.listdir(tmp_path)) == ["bad"]
+  check_corruption(tiny_ckpt, tmp_path, capsys, BAD_ORBAX[kind], "convert_orbax_to_hf.py", "--ckpt")
 
 
 def test_tools_print_one_line_and_exit_2_on_corruption(tiny_hf, tiny_ckpt, tmp_path):
