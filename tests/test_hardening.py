@@ -252,3 +252,42 @@ def test_readme_config_tables_are_generated_from_the_stage_defaults():
   for name in stages.STAGES:
     for key, _ in stages.flat_defaults(name):
       assert f"`{key}`" in section
+
+
+# --- multi-host -------------------------------------------------------------------------------------------------
+
+def test_two_processes_generate_and_evaluate_what_one_process_does(tmp_path, tiny_checkpoint, prompts_file):
+  """Two processes (4 CPU devices each, gloo, JAX's distributed runtime on 127.0.0.1) write what one process with
+  8 devices on the same mesh writes; only process 0 writes."""
+  import socket
+  common_args = [f"--config.checkpoint={tiny_checkpoint}", "--config.mesh.data=-1", "--config.mesh.fsdp=1",
+                 "--config.batch_size=8", "--config.sampling.max_new_tokens=6", "--config.sampling.temperature=1.0"]
+  jobs = {"generate": ["--config=configs/generate.py", f"--config.input={prompts_file}", "--config.sampling.n=2"],
+          "eval": ["--config=configs/eval.py", "--config.benchmarks=gsm8k", "--config.limit=3", "--config.samples=2"]}
+
+  def out_args(stage: str, where: Path) -> list[str]:
+    return [f"--config.output={where / 'out.jsonl'}"] if stage == "generate" else [f"--config.output_dir={where}"]
+
+  def env(devices: int) -> dict:
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+  for stage, args in jobs.items():
+    one, two = tmp_path / stage / "one", tmp_path / stage / "two"
+    proc = subprocess.run([sys.executable, "-m", "astro_jax.main", *args, *common_args, *out_args(stage, one)],
+                          cwd=REPO, env=env(8), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "astro_jax.main", *args, *common_args, *out_args(stage, two),
+                               "--config.distributed.enabled=True", "--config.distributed.num_processes=2",
+                               f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                               f"--config.distributed.process_id={i}"],
+                              cwd=REPO, env=env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for p in procs:
+      _, err = p.communicate(timeout=600)
+      assert p.returncode == 0, err[-3000:]
+    rows = "out.jsonl" if stage == "generate" else "gsm8k.jsonl"
+    assert data.read_jsonl_rows(two / rows) == data.read_jsonl_rows(one / rows)
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())

@@ -135,6 +135,12 @@ def setup_mesh(config: ml_collections.ConfigDict, rules: str = "train") -> shard
   return sharding.Sharder.create(mesh, rules)
 
 
+def is_writer() -> bool:
+  """Whether this process writes the outputs (process 0; call after `setup_mesh`)."""
+  import jax
+  return jax.process_index() == 0
+
+
 def check_prompt_lengths(lengths: list[int], max_new_tokens: int, max_positions: int,
                          where: Callable[[int], str]) -> None:
   """Every prompt + max_new_tokens within the model's context; the first that is not is named by `where(i)`."""

@@ -121,23 +121,29 @@ def run(config: ml_collections.ConfigDict) -> None:
   stale = results + [out_dir / "summary.md"]
 
   sharder = common.setup_mesh(config, "sample")
+  writer = common.is_writer()  # multi-host: every process samples every row, process 0 writes
+  # What earlier runs finished, read before anything is written (so every process agrees on what is left).
+  done = {name: {row["id"] for row in data.read_jsonl_rows(out_dir / f"{name}.jsonl", missing_ok=True)}
+          if record.matches() else set() for name in problems}
   model = common.load_model(config, ckpt, sharder)
   sampler = Sampler(model, tokenizer, sharder=sharder, max_batch=config.batch_size)
   params = generate.sampling_params(config.sampling, n=config.samples)
   per_call = max(1, config.batch_size // config.samples)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  if writer:
+    out_dir.mkdir(parents=True, exist_ok=True)
 
   summaries = {}
   with verifier.VerifierPool(config.verifier.workers, config.verifier.timeout_s) as pool:
     for name, todo_all in problems.items():
       rows_path = out_dir / f"{name}.jsonl"
-      done = ({row["id"] for row in data.read_jsonl_rows(rows_path, missing_ok=True)} if record.matches()
-              else set())
-      todo = [p for p in todo_all if p.id not in done]
-      bar = tqdm(total=len(todo_all), initial=len(todo_all) - len(todo), desc=f"eval {name}", unit="problem")
+      todo = [p for p in todo_all if p.id not in done[name]]
+      bar = tqdm(total=len(todo_all), initial=len(todo_all) - len(todo), desc=f"eval {name}", unit="problem",
+                 disable=not writer)
       for start in range(0, len(todo), per_call):
         chunk = todo[start:start + per_call]
         results = sampler.generate([prompt_ids[name, p.id] for p in chunk], params, keys=[p.id for p in chunk])
+        if not writer:
+          continue
         record.record(stale)
         texts = [c.text for completions in results for c in completions]
         golds = [p.answer for p, completions in zip(chunk, results) for _ in completions]
@@ -153,6 +159,8 @@ def run(config: ml_collections.ConfigDict) -> None:
           data.append_jsonl(rows_path, {"id": p.id, "benchmark": name, "gold": p.answer, "samples": samples})
           bar.update(1)
       bar.close()
+      if not writer:
+        continue
       record.record(stale)  # nothing was left to sample: the old rows are this run's
       wanted = {p.id for p in todo_all}
       rows = [r for r in data.read_jsonl_rows(rows_path, missing_ok=True) if r["id"] in wanted]
@@ -161,6 +169,8 @@ def run(config: ml_collections.ConfigDict) -> None:
       summaries[name] = eval_metrics.summarize(per_problem)
       summaries[name]["verifier_timeouts"] = sum(s["timed_out"] for r in rows for s in r["samples"])
 
+  if not writer:
+    return
   data.write_text_atomic(out_dir / "summary.json", json.dumps(summaries, indent=2) + "\n")
   markdown = "\n".join(eval_metrics.summary_markdown(s, title=name) for name, s in summaries.items())
   data.write_text_atomic(out_dir / "summary.md", markdown)

@@ -138,28 +138,33 @@ def run(config: ml_collections.ConfigDict) -> None:
     done = {row.pop("_index"): row for row in data.read_jsonl_rows(partial, missing_ok=True)}
   todo = [i for i in range(len(rows)) if i not in done]
   sharder = common.setup_mesh(config, "sample")
+  writer = common.is_writer()  # multi-host: every process samples every row, process 0 writes
   model = common.load_model(config, ckpt, sharder)
   sampler = Sampler(model, tokenizer, sharder=sharder, max_batch=config.batch_size)
   params = sampling_params(config.sampling)
   per_call = max(1, config.batch_size // params.n)
-  output.parent.mkdir(parents=True, exist_ok=True)
+  if writer:
+    output.parent.mkdir(parents=True, exist_ok=True)
   seconds, new_tokens = 0.0, 0
-  bar = tqdm(total=len(rows), initial=len(done), desc="generate", unit="prompt")
+  bar = tqdm(total=len(rows), initial=len(done), desc="generate", unit="prompt", disable=not writer)
   for start in range(0, len(todo), per_call):
     chunk = todo[start:start + per_call]
     began = time.perf_counter()
     results = sampler.generate([prompt_ids[i] for i in chunk], params, keys=chunk)
     seconds += time.perf_counter() - began
     new_tokens += sum(len(c.token_ids) for completions in results for c in completions)
-    if start == 0:
+    if start == 0 and writer:
       record.record(stale=[output, partial])
     for i, completions in zip(chunk, results):
       done[i] = {**rows[i], "completions": [
           {"text": c.text, "token_ids": list(map(int, c.token_ids)), "logprobs": [float(x) for x in c.logprobs],
            "finish_reason": c.finish_reason} for c in completions]}
-      data.append_jsonl(partial, {"_index": i, **done[i]})
+      if writer:
+        data.append_jsonl(partial, {"_index": i, **done[i]})
     bar.update(len(chunk))
   bar.close()
+  if not writer:
+    return
   if not todo:
     record.record(stale=[output])
   out_rows = [done[i] for i in range(len(rows))]
