@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from astro_jax.errors import UserError
-from astro_jax.files import write_text_atomic  # noqa: F401  (data.write_text_atomic: the one atomic writer)
+from astro_jax.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -63,17 +63,47 @@ def check_sampling(sampling: ml_collections.ConfigDict, n: int | None = None) ->
   fields["n"] = sampling.n if n is None else n
   fields["stop"] = tuple(s for s in sampling.stop if s)
   problems = sampling_problems(ml_collections.ConfigDict(fields))
+  if n is not None and "n" in problems:
+    problems = {"samples": problems.pop("n"), **problems}  # this stage's name for n
+  require_none(problems, "sampling.", unprefixed=("samples",))
+
+
+def require_none(problems: dict[str, str], prefix: str, unprefixed: tuple[str, ...] = ()) -> None:
+  """A ConfigError for the first of `problems` ({field: what is wrong}, as `sampler.sampling_problems` gives),
+  named `prefix + field` (fields in `unprefixed` are top-level keys)."""
   if problems:
     field, why = next(iter(problems.items()))
-    raise ConfigError(f"config key {'samples' if field == 'n' and n is not None else 'sampling.' + field!r} {why}")
+    raise ConfigError(f"config key {field if field in unprefixed else prefix + field!r} {why}")
+
+
+def verifier_config() -> ml_collections.ConfigDict:
+  """The answer checker: worker subprocesses and the hard limit per comparison."""
+  return ml_collections.ConfigDict({"workers": 2, "timeout_s": 5.0})
+
+
+def check_verifier(config: ml_collections.ConfigDict) -> None:
+  require(config.verifier.workers >= 1, "verifier.workers", config.verifier.workers, "must be >= 1")
+  require(config.verifier.timeout_s > 0, "verifier.timeout_s", config.verifier.timeout_s, "must be > 0")
 
 
 def input_file(path: str, key: str) -> Path:
-  """A user-given input file that must exist and hold something."""
+  """A user-given input file that must exist and not be empty (a file of blank lines is the reader's to find)."""
   p = Path(path)
   require(p.is_file(), key, path, "no such file")
-  require(p.stat().st_size > 0 and p.read_bytes().strip() != b"", key, path, "the file is empty")
+  require(p.stat().st_size > 0, key, path, "the file is empty")
   return p
+
+
+def load_problems(spec: str, key: str) -> list:
+  """The problems of a bundled benchmark or a JSONL file given by config key `key`; none at all is an error."""
+  from astro_jax import data
+  try:
+    problems = data.load_benchmark(spec)
+  except FileNotFoundError as e:
+    raise UserError(f"config key {key!r}: {e}") from None
+  if not problems:
+    raise UserError(f"{spec}: no problems (the file is empty or only blank lines)")
+  return problems
 
 
 # --- checkpoint, tokenizer, mesh ----------------------------------------------------------------------------------
@@ -170,6 +200,7 @@ class SettingsRecord:
 
   def __init__(self, path: Path, settings: dict, overwrite: bool = False):
     self.path, self.settings, self.overwrite = Path(path), json.loads(json.dumps(settings)), overwrite
+    self._recorded = False  # set once this run has recorded (or found) its settings: `record` is then free
 
   def previous(self) -> dict | None:
     try:
@@ -194,13 +225,16 @@ class SettingsRecord:
                     f"--config.overwrite=true to replace them")
 
   def record(self, stale: list[Path]) -> None:
-    """Before the first result is written: when overwriting other settings, remove `stale`; then record."""
-    if self.matches():
+    """Before the first result is written: when overwriting other settings, remove `stale`; then record. Cheap
+    to call before every result."""
+    if self._recorded or self.matches():
+      self._recorded = True
       return
     for p in stale:
       p.unlink(missing_ok=True)
-    from astro_jax import data
-    data.write_text_atomic(self.path, json.dumps(self.settings, indent=2) + "\n")
+    from astro_jax import files
+    files.write_text_atomic(self.path, json.dumps(self.settings, indent=2) + "\n")
+    self._recorded = True
 
 
 BASE_HELP = {  # keys several stages share (a stage's own HELP overrides)
@@ -215,6 +249,8 @@ BASE_HELP = {  # keys several stages share (a stage's own HELP overrides)
     "distributed.coordinator_address": "host:port of process 0 (\"\": from the cluster environment)",
     "distributed.num_processes": "number of processes (-1: from the environment)",
     "distributed.process_id": "this process's index (-1: from the environment)",
+    "verifier.workers": "answer-checking subprocesses",
+    "verifier.timeout_s": "hard limit per comparison (a timeout counts as wrong)",
     "compile_cache_dir": "JAX's persistent compilation cache (\"\": off); a restarted run does not recompile",
     "model.dtype": "activation dtype: float32 or bfloat16",
     "model.scan_layers": "one compiled layer scanned over the stack (fast compiles)",

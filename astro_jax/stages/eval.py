@@ -17,7 +17,6 @@ from pathlib import Path
 import ml_collections
 from tqdm import tqdm
 
-from astro_jax.errors import UserError
 from astro_jax.stages import common, generate
 
 # Settings that change results: a resumed run must use the same ones.
@@ -33,8 +32,6 @@ HELP = {
     "output_dir": "per-benchmark rows, summary.json, summary.md, run_config.json",
     "overwrite": "replace results made with other settings",
     "batch_size": "rows (problems x samples) per sampler call; does not change results",
-    "verifier.workers": "answer-checking subprocesses",
-    "verifier.timeout_s": "hard limit per comparison (a timeout counts as wrong)",
 }
 
 
@@ -55,7 +52,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.sampling.temperature = 0.6
   c.sampling.top_p = 0.95
   c.sampling.max_new_tokens = 1024
-  c.verifier = ml_collections.ConfigDict({"workers": 2, "timeout_s": 5.0})
+  c.verifier = common.verifier_config()
   return c
 
 
@@ -71,8 +68,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   common.require(config.samples >= 1, "samples", config.samples, "must be >= 1")
   common.require(config.batch_size >= 1, "batch_size", config.batch_size, "must be >= 1")
   common.require(bool(config.output_dir), "output_dir", config.output_dir, "an output directory is required")
-  common.require(config.verifier.workers >= 1, "verifier.workers", config.verifier.workers, "must be >= 1")
-  common.require(config.verifier.timeout_s > 0, "verifier.timeout_s", config.verifier.timeout_s, "must be > 0")
+  common.check_verifier(config)
   common.check_sampling(config.sampling, n=config.samples)
 
 
@@ -82,23 +78,17 @@ def benchmark_specs(config: ml_collections.ConfigDict) -> list[str]:
 
 def load_problems(config: ml_collections.ConfigDict) -> dict:
   """{benchmark name: problems (the first `limit`)}; a missing or malformed benchmark is named."""
-  from astro_jax import data
   problems = {}
   for spec in benchmark_specs(config):
     name = benchmark_name(spec)
     common.require(name not in problems, "benchmarks", config.benchmarks, f"{name!r} appears twice")
-    try:
-      loaded = data.load_benchmark(spec)
-    except FileNotFoundError as e:
-      raise UserError(f"config key 'benchmarks': {e}") from None
-    if not loaded:
-      raise UserError(f"benchmark {spec}: no problems")
+    loaded = common.load_problems(spec, "benchmarks")
     problems[name] = loaded[:config.limit] if config.limit >= 0 else loaded
   return problems
 
 
 def run(config: ml_collections.ConfigDict) -> None:
-  from astro_jax import data, eval_metrics, prompts, verifier
+  from astro_jax import data, eval_metrics, files, prompts, verifier
   from astro_jax.sampler import Sampler
 
   check(config)
@@ -171,8 +161,8 @@ def run(config: ml_collections.ConfigDict) -> None:
 
   if not writer:
     return
-  data.write_text_atomic(out_dir / "summary.json", json.dumps(summaries, indent=2) + "\n")
+  files.write_text_atomic(out_dir / "summary.json", json.dumps(summaries, indent=2) + "\n")
   markdown = "\n".join(eval_metrics.summary_markdown(s, title=name) for name, s in summaries.items())
-  data.write_text_atomic(out_dir / "summary.md", markdown)
+  files.write_text_atomic(out_dir / "summary.md", markdown)
   print(markdown)
   logging.info("wrote %s", out_dir)

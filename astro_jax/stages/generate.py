@@ -92,7 +92,7 @@ def read_rows(config: ml_collections.ConfigDict) -> tuple[list[dict], list[str]]
   path = common.input_file(config.input, "input")
   numbered = data.read_jsonl_lines(path, torn_tail_ok=False)
   if not numbered:
-    raise UserError(f"{config.input}: no rows (only blank lines)")
+    raise UserError(f"{config.input}: no rows (the file is empty or only blank lines)")
   for lineno, row in numbered:
     if not isinstance(row.get("prompt"), str) and not isinstance(row.get("messages"), list):
       raise data.DataError(f"{config.input}:{lineno}: a row needs 'prompt' (string) or 'messages' (list of "

@@ -116,8 +116,6 @@ HELP = {
     "rewrite.prompt": "few-shot rewriting prompt with {context} and {step} (literal braces doubled)",
     "rewrite.temperature": "0 = greedy",
     "rewrite.max_new_tokens": "token budget of one rewritten step",
-    "verifier.workers": "answer-checking subprocesses",
-    "verifier.timeout_s": "hard limit per comparison (a timeout counts as wrong)",
 }
 
 
@@ -150,7 +148,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.render.templates = ml_collections.ConfigDict({k: tuple(getattr(t, k)) for k in TEMPLATE_KINDS})
   c.rewrite = ml_collections.ConfigDict({"enabled": False, "prompt": render.REWRITE_PROMPT, "temperature": 0.0,
                                          "max_new_tokens": 256})
-  c.verifier = ml_collections.ConfigDict({"workers": 2, "timeout_s": 5.0})
+  c.verifier = common.verifier_config()
   return c
 
 
@@ -215,10 +213,7 @@ def check(config: ml_collections.ConfigDict) -> None:
                  "is a file; name a directory")
   common.require(config.batch_problems >= 1, "batch_problems", config.batch_problems, "must be >= 1")
   common.require(config.batch_size >= 1, "batch_size", config.batch_size, "must be >= 1")
-  problems = search_config_problems(config.search)
-  if problems:
-    field, why = next(iter(problems.items()))
-    raise common.ConfigError(f"config key 'search.{field}' {why}")
+  common.require_none(search_config_problems(config.search), "search.")
   p = config.prompt
   if p.example_problem:
     common.require(bool(p.example_solution.strip()), "prompt.example_solution", p.example_solution,
@@ -248,18 +243,11 @@ def check(config: ml_collections.ConfigDict) -> None:
   common.require(w.temperature >= 0, "rewrite.temperature", w.temperature, "must be >= 0")
   common.require(w.max_new_tokens >= 1, "rewrite.max_new_tokens", w.max_new_tokens, "must be >= 1")
   _check_template("rewrite.prompt", w.prompt, ("context", "step"))
-  common.require(config.verifier.workers >= 1, "verifier.workers", config.verifier.workers, "must be >= 1")
-  common.require(config.verifier.timeout_s > 0, "verifier.timeout_s", config.verifier.timeout_s, "must be > 0")
+  common.check_verifier(config)
 
 
 def load_problems(config: ml_collections.ConfigDict) -> list:
-  from astro_jax import data
-  try:
-    problems = data.load_benchmark(config.input)
-  except FileNotFoundError as e:
-    raise UserError(f"config key 'input': {e}") from None
-  if not problems:
-    raise UserError(f"{config.input}: no problems")
+  problems = common.load_problems(config.input, "input")
   for p in problems:
     for field in ("problem", "answer"):
       if not getattr(p, field).strip():
@@ -307,9 +295,7 @@ def _agree_on_done(done_mask: list[bool]) -> None:
 
 def run(config: ml_collections.ConfigDict) -> dict:
   """Search, write trees as they finish, then derive sft/direct/summary; returns the summary."""
-  import jax
-
-  from astro_jax import data, verifier
+  from astro_jax import data, files, verifier
   from astro_jax.search import mcts as mcts_lib
   from astro_jax.search.policy import LMPolicy
 
@@ -325,7 +311,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
   record = common.SettingsRecord(out_dir / "run_config.json", settings(config), config.overwrite)
   record.check(list(paths.values()), "output_dir")
   sharder = common.setup_mesh(config, "sample")  # multi-host start before anything asks JAX about processes
-  writer = jax.process_index() == 0
+  writer = common.is_writer()
 
   done: dict[str, dict] = {}
   stats: dict[str, dict] = {}
@@ -402,7 +388,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
                          "self_eval": {k: v for k, v in config.self_eval.to_dict().items() if k != "prompt"},
                          "rewrite_enabled": config.rewrite.enabled}
   if writer:
-    data.write_text_atomic(paths["summary.json"], json.dumps(summary, indent=2, default=str) + "\n")
+    files.write_text_atomic(paths["summary.json"], json.dumps(summary, indent=2, default=str) + "\n")
     print(f"mcts: {summary['solved']}/{summary['problems']} problems solved ({summary['solved_fraction']:.0%}), "
           f"{summary['terminals_per_tree']:.1f} terminals and {summary['distinct_wrong_answers_per_tree']:.1f} "
           f"distinct wrong answers per tree; {summary['sft_rows']} sft rows, {summary['direct_rows']} direct rows; "
