@@ -4,7 +4,7 @@ CORE = [
     "jax>=0.10.2", "flax>=0.12.8", "optax>=0.2.8", "orbax-checkpoint>=0.12.8", "grain>=0.2.18",
     "ml-collections>=1.1.0", "absl-py>=2.1", "numpy>=2.0", "safetensors>=0.6", "tokenizers>=0.22",
     "transformers>=5.0", "sentencepiece>=0.2", "jinja2>=3.1", "sympy>=1.13", "math-verify[antlr4_13_2]>=0.9.0",
-    "tqdm>=4.66", "tensorboardX>=2.6",
+    "tqdm>=4.66", "tensorboardX>=2.6", "matplotlib>=3.9",
 ]
 
 setup(

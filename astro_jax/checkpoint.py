@@ -33,7 +33,7 @@ from flax import nnx
 
 from astro_jax.errors import UserError
 from astro_jax.files import atomic_output_dir, prepare_output
-from astro_jax.model.config import ModelConfig, RopeScaling, from_hf_config, to_hf_config
+from astro_jax.model.config import Execution, ModelConfig, RopeScaling, from_hf_config, to_hf_config
 from astro_jax.model.llama import LAYER_WEIGHTS, Llama, abstract_model, weight_specs
 from astro_jax.sharding import Sharder, state_shardings
 
@@ -369,21 +369,23 @@ def _default_sharding(sharder: Sharder | None, axes, shape):
   return sharder.named(axes, shape)
 
 
-def load_hf_model(hf_dir: str | os.PathLike, *, sharder: Sharder | None = None, dtype: str | None = None,
-                  param_dtype: str | None = None, **cfg_overrides) -> Llama:
-  """Our model from a HF Llama checkpoint directory; each device's shard is read straight from disk."""
+def load_hf_model(hf_dir: str | os.PathLike, *, sharder: Sharder | None = None, param_dtype: str | None = None,
+                  run: Execution = Execution(), **cfg_overrides) -> Llama:
+  """Our model from a HF Llama checkpoint directory; each device's shard is read straight from disk.
+
+  param_dtype: storage dtype (default: the checkpoint's); run: how the returned model's __call__ runs."""
   hf_dir = Path(hf_dir)
   _expect_kind(hf_dir, "hf")
   _, cfg = _hf_config(hf_dir)
   cfg = cfg.replace(**cfg_overrides)
   reader = validate_hf_checkpoint(hf_dir, cfg)
-  cfg = cfg.replace(param_dtype=param_dtype or cfg.param_dtype, dtype=dtype or cfg.dtype)
-  return model_from_tensors(cfg, reader.get, sharder)
+  cfg = cfg.replace(param_dtype=param_dtype or cfg.param_dtype)
+  return model_from_tensors(cfg, reader.get, sharder, run)
 
 
 def model_from_tensors(cfg: ModelConfig, get_hf: Callable[[str], np.ndarray],
-                       sharder: Sharder | None = None) -> Llama:
-  graphdef, abs_state = nnx.split(abstract_model(cfg, sharder))
+                       sharder: Sharder | None = None, run: Execution = Execution()) -> Llama:
+  graphdef, abs_state = nnx.split(abstract_model(cfg, sharder, run))
   target_dtype = cfg.jnp_param_dtype
 
   def build(path, var):
@@ -515,12 +517,16 @@ def _write_json(path: Path, obj) -> None:
 
 # --- Orbax ------------------------------------------------------------------------------------------------------
 
+# Execution settings older checkpoints stored with the architecture (now `Execution`, never saved).
+_EXECUTION_KEYS = ("dtype", "remat", "scan_layers")
+
+
 def _config_to_json(cfg: ModelConfig) -> dict:
   return dataclasses.asdict(cfg)
 
 
 def _config_from_json(d: dict) -> ModelConfig:
-  d = dict(d)
+  d = {k: v for k, v in d.items() if k not in _EXECUTION_KEYS}
   if d.get("rope_scaling"):
     d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
   d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
@@ -670,18 +676,16 @@ def _check_orbax_params(ckpt_dir: Path, cfg: ModelConfig, found: dict[str, Any])
                           f"tie_embeddings={cfg.tie_embeddings})")
 
 
-def load_orbax_model(ckpt_dir: str | os.PathLike, *, sharder: Sharder | None = None, dtype: str | None = None,
+def load_orbax_model(ckpt_dir: str | os.PathLike, *, sharder: Sharder | None = None, run: Execution = Execution(),
                      **cfg_overrides) -> Llama:
   """Restore an Orbax checkpoint onto `sharder`'s mesh (any mesh shape) or one device."""
   import orbax.checkpoint as ocp
   ckpt_dir = Path(ckpt_dir).absolute()
   _expect_kind(ckpt_dir, "orbax")
   cfg = load_orbax_config(ckpt_dir).replace(**cfg_overrides)
-  if dtype:
-    cfg = cfg.replace(dtype=dtype)
   params = _orbax_params(ckpt_dir)
   _check_orbax_params(ckpt_dir, cfg, _orbax_metadata(params))
-  graphdef, abs_state = nnx.split(abstract_model(cfg, sharder))
+  graphdef, abs_state = nnx.split(abstract_model(cfg, sharder, run))
   if sharder is None:
     shardings = jax.tree.map(lambda _: _default_sharding(None, None, None), abs_state, is_leaf=_is_variable)
   else:
@@ -700,12 +704,12 @@ def _is_variable(x) -> bool:
   return isinstance(x, nnx.Variable)
 
 
-def load_model(path: str | os.PathLike, *, sharder: Sharder | None = None, dtype: str | None = None,
+def load_model(path: str | os.PathLike, *, sharder: Sharder | None = None, run: Execution = Execution(),
                **cfg_overrides) -> Llama:
   """Either checkpoint kind: an Orbax directory written by `save_orbax`, or a HF directory."""
   if checkpoint_kind(path) == "orbax":
-    return load_orbax_model(path, sharder=sharder, dtype=dtype, **cfg_overrides)
-  return load_hf_model(path, sharder=sharder, dtype=dtype, **cfg_overrides)
+    return load_orbax_model(path, sharder=sharder, run=run, **cfg_overrides)
+  return load_hf_model(path, sharder=sharder, run=run, **cfg_overrides)
 
 
 def tokenizer_dir_of(path: str | os.PathLike) -> Path | None:

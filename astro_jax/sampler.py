@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from astro_jax.model.config import ModelConfig
+from astro_jax.model.config import Execution, ModelConfig
 from astro_jax.model.llama import KVCache, Llama, forward, split_layers, weight_specs
 from astro_jax.sharding import Sharder
 
@@ -266,8 +266,8 @@ def _expand_cache(cache: KVCache, src_R: jax.Array, new_slots: int) -> KVCache:
                         v=jax.tree.map(lambda x: expand(x, 2), cache.v))
 
 
-def _prefill(cfg: ModelConfig, sharder: Sharder | None, params: dict, tokens_BP: jax.Array, kv_mask_BP: jax.Array,
-             src_R: jax.Array, *, new_slots: int, cache_dtype) -> tuple[KVCache, jax.Array]:
+def _prefill(cfg: ModelConfig, run: Execution, sharder: Sharder | None, params: dict, tokens_BP: jax.Array,
+             kv_mask_BP: jax.Array, src_R: jax.Array, *, new_slots: int, cache_dtype) -> tuple[KVCache, jax.Array]:
   """Prefill B distinct prompts, then give each of the R decode rows a copy of its prompt's cache (src_R).
 
   Returns the cache (P + new_slots slots, R rows) and the next-token logits [R, V].
@@ -275,12 +275,14 @@ def _prefill(cfg: ModelConfig, sharder: Sharder | None, params: dict, tokens_BP:
   B, P = tokens_BP.shape
   positions_BP = jnp.maximum(jnp.cumsum(kv_mask_BP, axis=1) - 1, 0).astype(jnp.int32)
   cache = KVCache.zeros(cfg, B, P, cache_dtype, per_layer="layers" in params)
-  logits_B1V, cache = forward(cfg, sharder, params, tokens_BP, positions_BP, kv_mask_BP, cache, last_only=True)
+  logits_B1V, cache = forward(cfg, sharder, params, tokens_BP, positions_BP, kv_mask_BP, cache, run=run,
+                              last_only=True)
   cache = _constrain_cache(sharder, _expand_cache(cache, src_R, new_slots))
   return cache, jnp.take(logits_B1V[:, 0], src_R, axis=0)
 
 
-def _decode(cfg: ModelConfig, sharder: Sharder | None, params: dict, cache: KVCache, logits_BV: jax.Array,
+def _decode(cfg: ModelConfig, run: Execution, sharder: Sharder | None, params: dict, cache: KVCache,
+            logits_BV: jax.Array,
             kv_mask_BS: jax.Array, pos_B: jax.Array, rows: RowParams, stop_table: jax.Array, stop_len: jax.Array, *,
             budget: int, eos_ids: tuple[int, ...], pad_id: int) -> tuple[DecodeOut, KVCache]:
   """Sample up to `budget` tokens per row in one while_loop that ends when every row has finished."""
@@ -318,7 +320,8 @@ def _decode(cfg: ModelConfig, sharder: Sharder | None, params: dict, cache: KVCa
   def body(carry):
     t, cache, out, stop_state_BK = carry
     prev_B = jax.lax.dynamic_index_in_dim(out.tokens, t - 1, axis=1, keepdims=False)
-    logits_B1V, cache = forward(cfg, sharder, params, prev_B[:, None], (pos_B + t - 1)[:, None], kv_mask_BS, cache)
+    logits_B1V, cache = forward(cfg, sharder, params, prev_B[:, None], (pos_B + t - 1)[:, None], kv_mask_BS, cache,
+                                run=run)
     out, stop_state_BK = select(t, logits_B1V[:, 0], out, stop_state_BK)
     return t + 1, cache, out, stop_state_BK
 
@@ -350,35 +353,52 @@ class Sampler:
   """Generates completions for batches of prompts with a model (optionally on a mesh, sample rule set)."""
 
   def __init__(self, model: Llama, tokenizer, *, sharder: Sharder | None = None, max_batch: int = 64,
-               cache_dtype: str | None = None, unroll_layers: bool = True):
+               dtype: str = "float32", cache_dtype: str | None = None, unroll_layers: bool = True):
     """model: our Llama (its weights are copied, resharded; see `update_weights`); tokenizer: an astro_jax
     Tokenizer; sharder: a Sharder with the "sample" rules (None: one device); max_batch: most rows (prompts x
-    n) per program; cache_dtype: KV cache dtype (default: the model's dtype); unroll_layers: per-layer weight
-    and cache buffers, layers unrolled (fast decode, slower compiles), else `lax.scan` over stacked layers."""
+    n) per program; dtype: the sampler's compute dtype (its weight copy is stored in it; the model's own
+    execution settings are not used); cache_dtype: KV cache dtype (default: dtype); unroll_layers: per-layer
+    weight and cache buffers, layers unrolled (fast decode, slower compiles), else `lax.scan` over stacked layers."""
     self.cfg, self.tokenizer, self.sharder, self.unroll_layers = model.cfg, tokenizer, sharder, unroll_layers
+    self.run = Execution(dtype=dtype, remat="none", scan_layers=not unroll_layers)
     self.batch_shards = 1 if sharder is None else math.prod(
         sharder.mesh.shape[a] for a in dict(sharder.rules)["batch"])
     self.max_batch = _round_up(max_batch, self.batch_shards)
-    self.cache_dtype = jnp.dtype(cache_dtype or self.cfg.dtype)
+    self.cache_dtype = jnp.dtype(cache_dtype or dtype)
     self.eos_ids = tuple(int(i) for i in tokenizer.eos_ids)
     self.pad_id = int(tokenizer.pad_id)
-    self._prefill = jax.jit(functools.partial(_prefill, self.cfg, sharder),
+    self._prefill = jax.jit(functools.partial(_prefill, self.cfg, self.run, sharder),
                             static_argnames=("new_slots", "cache_dtype"))
-    self._decode = jax.jit(functools.partial(_decode, self.cfg, sharder),
+    self._decode = jax.jit(functools.partial(_decode, self.cfg, self.run, sharder),
                            static_argnames=("budget", "eos_ids", "pad_id"), donate_argnames=("cache",))
-    self._split_layers = jax.jit(functools.partial(split_layers, fuse=True, sharder=sharder))
+    self._prepare_weights = jax.jit(self._sampling_weights)
+    self.params: dict | None = None
+    self._owned: list[jax.Array] = []  # the buffers of self.params that this sampler made (freed on update)
     self._token_texts: list[str] | None = None
     self._stop_tables: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
     self.stats = SamplerStats()
     self.update_weights(model)
 
-  def update_weights(self, model: Llama) -> None:
-    """Take the model's current weights (e.g. after a training step), resharded with the sample rules."""
-    params = model.weights()
-    if self.sharder is not None:
-      params = jax.device_put(params, {name: self.sharder.named(axes, shape)
-                                       for name, (shape, axes) in weight_specs(self.cfg).items()})
-    self.params = self._split_layers(params) if self.unroll_layers else params
+  def _sampling_weights(self, params: dict) -> dict:
+    """Weights as the sampler keeps them: in its dtype, resharded with the sample rules, per layer if unrolled."""
+    out = {}
+    for name, (shape, axes) in weight_specs(self.cfg).items():
+      w = params[name].astype(self.run.jnp_dtype)
+      out[name] = w if self.sharder is None else jax.lax.with_sharding_constraint(w, self.sharder.named(axes, shape))
+    return split_layers(out, fuse=True, sharder=self.sharder) if self.unroll_layers else out
+
+  def update_weights(self, weights: Llama | dict) -> None:
+    """Take new weights (a model, or its params pytree, e.g. a trainer's after a step) on device: the old copy
+    is freed first, then the new one is cast and resharded in one jitted program (compiled once per layout)."""
+    params = weights.weights() if isinstance(weights, Llama) else weights
+    for a in self._owned:
+      a.delete()
+    self.params, self._owned = None, []
+    params = {name: params[name] for name in weight_specs(self.cfg)}
+    self.params = self._prepare_weights(params)
+    # jit hands back an input unchanged when the output is that input (same dtype, layout): not ours to free
+    given = {id(a) for a in jax.tree.leaves(params)}
+    self._owned = [a for a in jax.tree.leaves(self.params) if id(a) not in given]
 
   # -- helpers
   def _stop_table(self, stop: tuple[str, ...]) -> tuple[jax.Array, jax.Array]:

@@ -142,8 +142,8 @@ def main():
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average {os.getloadavg()}", flush=True)
 
   tokenizer = Tokenizer.load(hf_dir)
-  model = load_hf_model(hf_dir, dtype=dtype, param_dtype=dtype)
-  sampler = Sampler(model, tokenizer, max_batch=max(args.batches))
+  model = load_hf_model(hf_dir, param_dtype=dtype)
+  sampler = Sampler(model, tokenizer, max_batch=max(args.batches), dtype=dtype)
   cfg = model.cfg
   weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.weights()))
   del model

@@ -18,7 +18,8 @@ import transformers
 from flax import nnx
 
 from astro_jax.checkpoint import load_hf_model
-from astro_jax.model import KVCache, RopeScaling, from_hf_config, preset, to_hf_config
+from astro_jax.model import Execution, KVCache, RopeScaling, from_hf_config, preset, to_hf_config
+from astro_jax.model.config import REMAT_POLICIES
 from astro_jax.model.llama import forward, split_layers
 from astro_jax.model.rope import inverse_frequencies
 from tests.conftest import PROMPTS, TINY_ORIGINAL_CTX, make_tiny_llama31_hf
@@ -156,8 +157,10 @@ def test_scan_unrolled_and_remat_agree(tiny_hf, tiny_model):
   base_logits, base_grads = logits_and_grads(tiny_model)
   scale = float(jnp.abs(base_logits).max())
   np.testing.assert_allclose(base_logits, jax_logits(tiny_model, ids, mask), rtol=0, atol=1e-6 * scale)
-  for kwargs in (dict(scan_layers=False), dict(remat=True), dict(scan_layers=False, remat=True)):
-    logits, grads = logits_and_grads(load_hf_model(path, **kwargs))
+  runs = [Execution(scan_layers=False)] + [Execution(scan_layers=scan, remat=policy) for scan in (True, False)
+                                           for policy in REMAT_POLICIES[1:]]
+  for kwargs in runs:
+    logits, grads = logits_and_grads(load_hf_model(path, run=kwargs))
     np.testing.assert_allclose(logits, base_logits, rtol=0, atol=1e-6 * scale, err_msg=str(kwargs))
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(base_grads)):
       np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.abs(b).max()), err_msg=str(kwargs))
@@ -166,7 +169,7 @@ def test_scan_unrolled_and_remat_agree(tiny_hf, tiny_model):
 def test_bf16_compute_is_close(smollm2_dir, smollm2_batch, smollm2_hf_logits):
   ids, mask = smollm2_batch
   real = mask.astype(bool)
-  for kwargs in (dict(dtype="bfloat16"), dict(dtype="bfloat16", param_dtype="bfloat16")):
+  for kwargs in (dict(run=Execution("bfloat16")), dict(run=Execution("bfloat16"), param_dtype="bfloat16")):
     model = load_hf_model(smollm2_dir, **kwargs)
     assert model.embed[...].dtype == jnp.dtype(kwargs.get("param_dtype", "float32"))
     ours = jax_logits(model, ids, mask)

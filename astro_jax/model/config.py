@@ -18,9 +18,41 @@ class RopeScaling:
   original_max_position_embeddings: int = 8192
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+# Rematerialisation of each decoder layer in the backward pass: keep nothing of the layer but its input ("full"),
+# keep the matmul outputs ("save_dots": recompute only the cheap elementwise work), or keep the normed inputs
+# of attention and of the MLP ("save_layer_inputs": the projections are recomputed, not the norms).
+REMAT_POLICIES = ("none", "full", "save_dots", "save_layer_inputs")
+
+
+def _check_dtype(name: str, value: str) -> None:
+  if value not in DTYPES:
+    raise ValueError(f"{name}={value!r}; expected one of {DTYPES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+  """How to run a model, apart from what it is: the trainer and the sampler each choose their own."""
+  dtype: str = "float32"    # dtype of matmuls and activations (weights are cast to it where they are used)
+  remat: str = "none"       # one of REMAT_POLICIES
+  scan_layers: bool = True  # lax.scan over the stacked layers (one compiled layer) vs an unrolled loop
+
+  def __post_init__(self):
+    _check_dtype("dtype", self.dtype)
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r}; expected one of {REMAT_POLICIES}")
+
+  @property
+  def jnp_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Shapes of a Llama-architecture decoder plus how to run it (dtypes, remat, scan)."""
+  """What a Llama-architecture decoder is: shapes, RoPE, special ids, and the dtype its weights are stored in.
+
+  How to run it (compute dtype, remat, layer loop) is an `Execution`, chosen by each user of the weights.
+  """
   vocab_size: int
   d_model: int
   n_layers: int
@@ -35,26 +67,16 @@ class ModelConfig:
   max_position_embeddings: int = 8192
   bos_token_id: int | None = 128000
   eos_token_ids: tuple[int, ...] = (128001, 128008, 128009)
-  # Execution (not architecture): storage dtype of weights, dtype of matmuls/activations.
-  param_dtype: str = "float32"
-  dtype: str = "float32"
-  remat: bool = False       # rematerialise each layer in the backward pass
-  scan_layers: bool = True  # lax.scan over the stacked layers (one compiled layer) vs unrolled
+  param_dtype: str = "float32"  # storage dtype of the weights
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-    for name in ("param_dtype", "dtype"):
-      if getattr(self, name) not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"{name}={getattr(self, name)!r}; expected float32, bfloat16 or float16")
+    _check_dtype("param_dtype", self.param_dtype)
 
   @property
   def jnp_param_dtype(self):
     return jnp.dtype(self.param_dtype)
-
-  @property
-  def jnp_dtype(self):
-    return jnp.dtype(self.dtype)
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)

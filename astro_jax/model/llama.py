@@ -16,8 +16,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from astro_jax.model.config import ModelConfig
+from astro_jax.model.config import Execution, ModelConfig
 from astro_jax.model.rope import apply_rope, inverse_frequencies, rope_tables
 from astro_jax.sharding import Sharder, constrain
 
@@ -62,8 +63,7 @@ class KVCache(NamedTuple):
   AXES_V = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
 
   @classmethod
-  def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype=None, per_layer: bool = False) -> "KVCache":
-    dtype = dtype or cfg.jnp_dtype
+  def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32, per_layer: bool = False) -> "KVCache":
     L, K, H = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
     if per_layer:
       return cls(tuple(jnp.zeros((batch, K, H, length), dtype) for _ in range(L)),
@@ -131,12 +131,11 @@ def _write_kv(kv, k_BKHT: jax.Array, v_BKTH: jax.Array, index: jax.Array):
   return keys, values, (k_all, v_all, i)
 
 
-def _layer(cfg: ModelConfig, sharder: Sharder | None, x_BTD, w, kv, cos, sin, mask_BTS, index):
-  """One decoder layer; `kv` as in `_write_kv` (the new keys/values are written at slot `index`)."""
-  dt = cfg.jnp_dtype
+def _layer(cfg: ModelConfig, dt, sharder: Sharder | None, x_BTD, w, kv, cos, sin, mask_BTS, index):
+  """One decoder layer in compute dtype `dt`; `kv` as in `_write_kv` (new keys/values go to slot `index`)."""
   B, T, _ = x_BTD.shape
   N, H = cfg.n_heads, cfg.head_dim
-  h = rms_norm(x_BTD, w["attn_norm"], cfg.rms_norm_eps)
+  h = checkpoint_name(rms_norm(x_BTD, w["attn_norm"], cfg.rms_norm_eps), "attn_input")
   if "wqkv" in w:  # fused layout (split_layers(fuse=True)): one matmul; q heads grouped by their kv head
     G = N // cfg.n_kv_heads
     qkv = jnp.einsum("btd,dkch->btkch", h, w["wqkv"].astype(dt))
@@ -151,7 +150,7 @@ def _layer(cfg: ModelConfig, sharder: Sharder | None, x_BTD, w, kv, cos, sin, ma
   # Contract over the flattened (n, h) so that XLA transposes the small activation, never the weight.
   x_BTD = x_BTD + jnp.einsum("btm,md->btd", attn.reshape(B, T, N * H), w["wo"].reshape(N * H, -1).astype(dt))
   x_BTD = constrain(sharder, x_BTD, ("batch", "seq", "act_embed"))
-  h = rms_norm(x_BTD, w["mlp_norm"], cfg.rms_norm_eps)
+  h = checkpoint_name(rms_norm(x_BTD, w["mlp_norm"], cfg.rms_norm_eps), "mlp_input")
   gate = jnp.einsum("btd,df->btf", h, w["w_gate"].astype(dt))
   up = jnp.einsum("btd,df->btf", h, w["w_up"].astype(dt))
   act = constrain(sharder, jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
@@ -159,16 +158,36 @@ def _layer(cfg: ModelConfig, sharder: Sharder | None, x_BTD, w, kv, cos, sin, ma
   return constrain(sharder, x_BTD, ("batch", "seq", "act_embed")), kv
 
 
+def _rematerialised(layer, policy: str, in_scan: bool):
+  """The layer under the named remat policy (model.config.REMAT_POLICIES)."""
+  if policy == "none":
+    return layer
+  saveable = {"full": None, "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+              "save_layer_inputs": jax.checkpoint_policies.save_only_these_names("attn_input", "mlp_input")}[policy]
+  # Inside lax.scan the loop already keeps XLA from merging the recomputation with the forward pass.
+  return jax.checkpoint(layer, policy=saveable, prevent_cse=not in_scan)
+
+
+def head_logits(cfg: ModelConfig, params: dict, x_BTD: jax.Array, dt) -> jax.Array:
+  """Float32 logits of (final-normed) hidden states: the output head, tied or not."""
+  if cfg.tie_embeddings:  # contract with embed [V, D] as stored: `embed.T` costs a transposed copy per call
+    return jnp.einsum("btd,vd->btv", x_BTD.astype(dt), params["embed"].astype(dt), preferred_element_type=jnp.float32)
+  return jnp.einsum("btd,dv->btv", x_BTD.astype(dt), params["lm_head"].astype(dt), preferred_element_type=jnp.float32)
+
+
 def forward(cfg: ModelConfig, sharder: Sharder | None, params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
             kv_mask_BS: jax.Array | None = None, cache: KVCache | None = None, *,
-            last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
+            segment_ids_BT: jax.Array | None = None, run: Execution = Execution(), last_only: bool = False,
+            hidden_only: bool = False) -> tuple[jax.Array, KVCache | None]:
   """The model as a pure function of its weights (see `Llama.__call__` for the arguments).
 
   params: "embed", "final_norm", "lm_head" (untied) and the layer weights, either stacked (name -> [L, ...],
-  run with `lax.scan` or an unrolled loop as `cfg.scan_layers` says) or as "layers": a tuple of L per-layer
+  run with `lax.scan` or an unrolled loop as `run.scan_layers` says) or as "layers": a tuple of L per-layer
   dicts (`split_layers`), always unrolled, each weight read from its own buffer (no per-layer slice copy).
+  segment_ids_BT: packed rows (no cache): a token attends only to earlier tokens of its own segment.
+  hidden_only: return the final-normed hidden states [B, T, D] instead of logits (for a chunked loss).
   """
-  dt = cfg.jnp_dtype
+  dt = run.jnp_dtype
   B, T = tokens_BT.shape
   index = jnp.zeros((), jnp.int32) if cache is None else cache.index
   S = T if cache is None else cache.length
@@ -176,15 +195,19 @@ def forward(cfg: ModelConfig, sharder: Sharder | None, params: dict, tokens_BT: 
     kv_mask_BS = jnp.ones((B, S), bool)
   q_slot_T = index + jnp.arange(T)
   mask_BTS = kv_mask_BS[:, None, :] & (jnp.arange(S)[None, None, :] <= q_slot_T[None, :, None])
+  if segment_ids_BT is not None:
+    if cache is not None:
+      raise ValueError("segment_ids are for packed rows without a KV cache")
+    mask_BTS &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
   cos, sin = rope_tables(positions_BT, inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
 
   x = jnp.take(params["embed"], tokens_BT, axis=0).astype(dt)
   x = constrain(sharder, x, ("batch", "seq", "act_embed"))
 
   def layer(x, w, kv):
-    return _layer(cfg, sharder, x, w, kv, cos, sin, mask_BTS, index)
-  if cfg.remat:
-    layer = jax.checkpoint(layer)
+    return _layer(cfg, dt, sharder, x, w, kv, cos, sin, mask_BTS, index)
+  scanned = "layers" not in params and run.scan_layers
+  layer = _rematerialised(layer, run.remat, scanned)
 
   if "layers" in params:  # per-layer weights and (optionally) per-layer cache buffers: unrolled
     if cache is not None and not cache.per_layer:
@@ -198,7 +221,7 @@ def forward(cfg: ModelConfig, sharder: Sharder | None, params: dict, tokens_BT: 
   else:
     weights = {name: params[name] for name in LAYER_WEIGHTS}
     k_out, v_out = (None, None) if cache is None else (cache.k, cache.v)
-    if cfg.scan_layers:
+    if scanned:
       def body(carry, xs):
         x, k_all, v_all = carry
         w, i = xs
@@ -214,12 +237,10 @@ def forward(cfg: ModelConfig, sharder: Sharder | None, params: dict, tokens_BT: 
   if last_only:
     x = x[:, -1:]
   x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-  if cfg.tie_embeddings:  # contract with embed [V, D] as stored: `embed.T` costs a transposed copy per call
-    logits = jnp.einsum("btd,vd->btv", x, params["embed"].astype(dt), preferred_element_type=jnp.float32)
-  else:
-    logits = jnp.einsum("btd,dv->btv", x, params["lm_head"].astype(dt), preferred_element_type=jnp.float32)
-  logits = constrain(sharder, logits, ("batch", "seq", "act_vocab"))
   new_cache = None if cache is None else KVCache(k_out, v_out, index + T)
+  if hidden_only:
+    return constrain(sharder, x, ("batch", "seq", "act_embed")), new_cache
+  logits = constrain(sharder, head_logits(cfg, params, x, dt), ("batch", "seq", "act_vocab"))
   return logits, new_cache
 
 
@@ -254,9 +275,11 @@ def split_layers(params: dict, fuse: bool = False, sharder: Sharder | None = Non
 class Llama(nnx.Module):
   """Llama 3 / SmolLM2-style decoder: embeddings, L x (RMSNorm, GQA + RoPE, RMSNorm, SwiGLU), tied/untied head."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, sharder: Sharder | None = None):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, sharder: Sharder | None = None,
+               run: Execution = Execution()):
     self.cfg = cfg
     self.sharder = sharder
+    self.run = run  # how __call__ runs the model; a trainer or sampler calling `forward` brings its own
     for name, (shape, axes) in _weight_specs(cfg).items():
       if name.endswith("norm"):
         value = jnp.ones(shape, cfg.jnp_param_dtype)
@@ -265,16 +288,18 @@ class Llama(nnx.Module):
       setattr(self, name, nnx.Param(value, logical_axes=axes))
 
   def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array, kv_mask_BS: jax.Array | None = None,
-               cache: KVCache | None = None, *, last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
-    """Logits [B, T or 1, V] in float32, and the updated cache.
+               cache: KVCache | None = None, *, segment_ids_BT: jax.Array | None = None,
+               last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
+    """Logits [B, T or 1, V] in float32, and the updated cache (run as `self.run` says).
 
     positions_BT: RoPE position of each token (left-padded rows start at 0 on their first real token).
     kv_mask_BS:   which key slots hold real tokens (S = T without a cache, the cache length with one);
                   attention is additionally causal over slots.
+    segment_ids_BT: packed rows: attention stays within each segment (positions restart per segment).
     last_only:    compute logits for the last position only (prefill for sampling).
     """
     return forward(self.cfg, self.sharder, self.weights(), tokens_BT, positions_BT, kv_mask_BS, cache,
-                   last_only=last_only)
+                   segment_ids_BT=segment_ids_BT, run=self.run, last_only=last_only)
 
   def weights(self) -> dict:
     """The weights as a dict of arrays (stacked layers), the input of `forward`."""
@@ -286,20 +311,20 @@ def weight_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str
   return _weight_specs(cfg)
 
 
-def abstract_model(cfg: ModelConfig, sharder: Sharder | None = None) -> Llama:
+def abstract_model(cfg: ModelConfig, sharder: Sharder | None = None, run: Execution = Execution()) -> Llama:
   """The model with ShapeDtypeStruct weights: no memory is allocated."""
-  return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), sharder=sharder))
+  return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), sharder=sharder, run=run))
 
 
-def init_model(cfg: ModelConfig, sharder: Sharder | None = None, seed: int = 0) -> Llama:
+def init_model(cfg: ModelConfig, sharder: Sharder | None = None, seed: int = 0, run: Execution = Execution()) -> Llama:
   """Randomly initialised model, each weight created directly in its sharding (never whole on one device)."""
-  graphdef, abs_state = nnx.split(abstract_model(cfg, sharder))
+  graphdef, abs_state = nnx.split(abstract_model(cfg, sharder, run))
   from astro_jax.sharding import state_shardings
   out_shardings = None if sharder is None else state_shardings(abs_state, sharder)
 
   @jax.jit
   def init():
-    return nnx.state(Llama(cfg, rngs=nnx.Rngs(seed), sharder=sharder))
+    return nnx.state(Llama(cfg, rngs=nnx.Rngs(seed), sharder=sharder, run=run))
 
   state = jax.jit(init, out_shardings=out_shardings)() if out_shardings is not None else init()
   return nnx.merge(graphdef, state)

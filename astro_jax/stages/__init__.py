@@ -12,6 +12,7 @@ STAGES: dict[str, str] = {
     "generate": "astro_jax.stages.generate",
     "eval": "astro_jax.stages.eval",
     "mcts": "astro_jax.stages.mcts",
+    "sft": "astro_jax.stages.sft",
 }
 
 

@@ -34,8 +34,8 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
 
 
 def model_config() -> ml_collections.ConfigDict:
-  """How to load and run the model (architecture comes from the checkpoint)."""
-  return ml_collections.ConfigDict({"dtype": "float32", "scan_layers": True, "remat": False})
+  """How a sampling stage runs the model (architecture comes from the checkpoint)."""
+  return ml_collections.ConfigDict({"dtype": "float32"})
 
 
 # --- value checks -------------------------------------------------------------------------------------------------
@@ -147,8 +147,7 @@ def load_tokenizer(config: ml_collections.ConfigDict, ckpt: Path, model_cfg):
 def load_model(config: ml_collections.ConfigDict, ckpt: Path, sharder: sharding.Sharder | None):
   """The model of an (inspected) Orbax or HF checkpoint, on the mesh."""
   from astro_jax import checkpoint
-  m = config.model
-  return checkpoint.load_model(ckpt, sharder=sharder, dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat)
+  return checkpoint.load_model(ckpt, sharder=sharder)
 
 
 def setup_mesh(config: ml_collections.ConfigDict, rules: str = "train") -> sharding.Sharder:
@@ -252,9 +251,7 @@ BASE_HELP = {  # keys several stages share (a stage's own HELP overrides)
     "verifier.workers": "answer-checking subprocesses",
     "verifier.timeout_s": "hard limit per comparison (a timeout counts as wrong)",
     "compile_cache_dir": "JAX's persistent compilation cache (\"\": off); a restarted run does not recompile",
-    "model.dtype": "activation dtype: float32 or bfloat16",
-    "model.scan_layers": "one compiled layer scanned over the stack (fast compiles)",
-    "model.remat": "rematerialise each layer in the backward pass",
+    "model.dtype": "the sampler's compute dtype (and its weight copy's): float32 or bfloat16",
 }
 
 

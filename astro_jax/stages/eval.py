@@ -116,7 +116,8 @@ def run(config: ml_collections.ConfigDict) -> None:
   done = {name: {row["id"] for row in data.read_jsonl_rows(out_dir / f"{name}.jsonl", missing_ok=True)}
           if record.matches() else set() for name in problems}
   model = common.load_model(config, ckpt, sharder)
-  sampler = Sampler(model, tokenizer, sharder=sharder, max_batch=config.batch_size)
+  sampler = Sampler(model, tokenizer, sharder=sharder, max_batch=config.batch_size,
+                    dtype=config.model.dtype)
   params = generate.sampling_params(config.sampling, n=config.samples)
   per_call = max(1, config.batch_size // config.samples)
   if writer:

@@ -140,7 +140,8 @@ def run(config: ml_collections.ConfigDict) -> None:
   sharder = common.setup_mesh(config, "sample")
   writer = common.is_writer()  # multi-host: every process samples every row, process 0 writes
   model = common.load_model(config, ckpt, sharder)
-  sampler = Sampler(model, tokenizer, sharder=sharder, max_batch=config.batch_size)
+  sampler = Sampler(model, tokenizer, sharder=sharder, max_batch=config.batch_size,
+                    dtype=config.model.dtype)
   params = sampling_params(config.sampling)
   per_call = max(1, config.batch_size // params.n)
   if writer:

@@ -335,7 +335,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
     if "sampler" not in state:
       from astro_jax.sampler import Sampler
       model = common.load_model(config, ckpt, sharder)
-      state["sampler"] = Sampler(model, tokenizer, sharder=sharder, max_batch=config.batch_size)
+      state["sampler"] = Sampler(model, tokenizer, sharder=sharder, max_batch=config.batch_size,
+                                 dtype=config.model.dtype)
     return state["sampler"]
 
   if writer:

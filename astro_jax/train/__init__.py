@@ -1,0 +1,1 @@
+"""Training pieces shared by the sft and rl stages: data, losses, optimizer, step, checkpoints, metrics."""
