@@ -1,8 +1,9 @@
 """Train-state checkpoints: Orbax CheckpointManager (every N steps and at the end, keep the last K, async).
 
 Each step directory holds the train state (params, optimizer state, step) and the data iterator's state. A save
-is written to a temporary directory and renamed when complete, so a kill during a save leaves the previous step
-intact; a step that fails to restore (partial or corrupted files) is skipped with a warning, and the one before
+is written to a temporary directory (`<step>.orbax-checkpoint-tmp`) and renamed when complete, so a kill during a save
+leaves the previous step intact (the temporary directory is removed at the next save); a step that fails to restore
+(partial or corrupted files) is skipped with a warning and deleted (the resumed run redoes it), and the one before
 it is used.
 """
 from __future__ import annotations
@@ -38,21 +39,29 @@ class Checkpoints:
 
   def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
     """(step, state, data state) of the newest step that restores; None when there is none. `abstract_state`:
-    ShapeDtypeStructs with shardings (the state is restored straight into them, on any mesh)."""
+    ShapeDtypeStructs with shardings (the state is restored straight into them, on any mesh). The newer steps that
+    did not restore are deleted: the run redoes them, and Orbax refuses to save a step that exists."""
+    from astro_jax.checkpoint import _drop_closed_loop_reports, _storage_cause
     ocp = self._ocp
+    _drop_closed_loop_reports()  # a failed read's late tensorstore callbacks: not one traceback each
+    found, broken = None, []
     for step in reversed(self.steps()):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         state = jax.block_until_ready(restored["state"])
-        return step, state, dict(restored["data"])
+        found = step, state, dict(restored["data"])
+        break
       except Exception as e:  # noqa: BLE001  (whatever a broken step raises: try the one before)
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        logger.warning("checkpoint step %d in %s does not restore (%s: %s); using the previous one", step,
-                       self.directory, type(e).__name__, first)
+        first = _storage_cause(e) or (str(e).strip().splitlines() or [""])[0][:300]
+        logger.warning("checkpoint step %d in %s does not restore (%s: %s); deleting it, trying the previous one",
+                       step, self.directory, type(e).__name__, first)
         print(f"warning: checkpoint step {step} in {self.directory} does not restore ({type(e).__name__}: "
-              f"{first}); using the previous one", flush=True)
-    return None
+              f"{first}); deleting it, trying the previous one", flush=True)
+        broken.append(step)
+    for step in broken:
+      self.manager.delete(step)
+    return found
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

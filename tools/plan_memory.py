@@ -1,0 +1,321 @@
+#!/usr/bin/env python3
+r"""AOT memory plan of a training config: the per-device bytes of its train step, without any accelerator.
+
+  python tools/plan_memory.py --config=configs/sft_8b.py[:TARGET] [--devices=N] [--preset=NAME] [--json] \
+      [--config.KEY=VALUE ...]
+
+The config is read as `python -m astro_jax.main` reads it (the same flag, `path.py:arg` targets, overrides and
+checks; checkpoint, data and output_dir may stay empty). The train step the stage would run (`Trainer.create`: the
+optimizer, the state shardings, the jitted step with its loss, remat and gradient accumulation) is lowered for an
+abstract state and batch (ShapeDtypeStructs with their shardings: nothing is allocated) on N simulated CPU devices
+and compiled; XLA's buffer assignment then gives the bytes each device needs:
+
+  params       the trained weights: sum over weights of the shard's bytes (NamedSharding.shard_shape)
+  optimizer    the optimizer state (Adam moments, counters), the same way
+  temporaries  XLA's temp allocation (memory_analysis().temp_size_in_bytes): activations kept for the backward
+               pass, gradients and their accumulator, the update's intermediates; already packed by XLA's reuse
+  batch        the step's input rows on this device
+  other        outputs that do not alias a donated input (metrics; a state copy if donation failed) and the step
+  total        the sum: the live peak as XLA:CPU plans it (the state is donated: outputs reuse its buffers)
+
+Devices: N = --devices, else the product of the config's mesh axes (an axis of -1 needs --devices). The tool sets
+JAX_PLATFORMS=cpu first and XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX's backend starts (the
+config file imports jax; XLA reads the flag when the CPU backend is created). LLVM's optimisation is switched off
+(`--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true`): it only shapes machine code, never
+the buffer assignment, and halves compile times.
+
+Architecture (first that applies): --preset=NAME (astro_jax.model.config.PRESETS); the config's checkpoint, when
+it is set and exists (its config.json or model_config.json, no weights read); the config file's module-level
+`PLAN_PRESET = "llama3.1_8b"` (big configs keep checkpoint "" because no such checkpoint is on the planning machine).
+
+Capacity: config.accelerator (GiB per device): tpu_v5p 95, tpu_v5e 16, tpu_v4 32, h100 80, h200 141, a100 80;
+"" = unknown (fits is null). Verdict: fits when total <= capacity, with the headroom.
+
+What the plan cannot see: it is XLA:CPU's buffer assignment of the same program. On TPU/GPU, XLA fuses, lays out
+and schedules differently (e.g. XLA:CPU may keep float32 copies where a TPU computes in bfloat16, or fuse less), so
+temporaries there differ, either way; collective buffers and async-collective overlap (all-gather prefetch of the
+next layer's weights under FSDP) are not accounted; nor is allocator fragmentation, nor the runtime's reserve (XLA
+GPU preallocates XLA_PYTHON_CLIENT_MEM_FRACTION = 75% of the memory by default; TPU keeps some HBM for itself), nor
+other programs resident at the same time (the eval step, a checkpoint being written). Keep ~10-20% headroom.
+
+--json prints exactly one JSON object on stdout: {"devices", "accelerator", "bytes_per_device": {"params",
+"optimizer", "temporaries", "batch", "other", "total"}, "capacity_bytes", "fits", ...}. Bad input (unknown preset
+or accelerator, a mesh that does not match the devices, a bad config value) is one `error: ...` line, exit 2.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ["JAX_PLATFORMS"] = "cpu"  # before anything imports jax: the plan never touches an accelerator
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+  sys.path.insert(0, _REPO)
+
+from absl import flags  # noqa: E402
+
+from astro_jax import main as astro_main  # noqa: E402  (defines the --config flag exactly as the entry point does)
+from astro_jax.errors import ConfigError, UserError  # noqa: E402
+
+GIB = 2**30
+CAPACITY_GIB: dict[str, float] = {"tpu_v5p": 95, "tpu_v5e": 16, "tpu_v4": 32, "h100": 80, "h200": 141, "a100": 80}
+PLAN_STEPS = 1000  # the schedule's length does not change any buffer
+FAST_CODEGEN = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+
+_DEVICES = flags.DEFINE_integer("devices", 0, "simulated devices (0: the product of the config's mesh axes)")
+_PRESET = flags.DEFINE_string("preset", "", "architecture preset (default: the checkpoint's, else PLAN_PRESET)")
+_JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of the table")
+
+
+# --- inputs -------------------------------------------------------------------------------------------------------
+
+def device_count(mesh: dict[str, int], devices: int) -> int:
+  """The number of devices to simulate: `devices` (checked against the mesh) or the mesh's product."""
+  sizes = list(mesh.values())
+  shown = " ".join(f"{k}={v}" for k, v in mesh.items())
+  fixed = math.prod(s for s in sizes if s != -1)
+  if devices < 0:
+    raise ConfigError(f"--devices={devices}: must be >= 1 (0: the mesh's product)")
+  if -1 in sizes:
+    if not devices:
+      raise ConfigError(f"mesh {shown} has an axis of -1: pass --devices=N")
+    if devices % fixed:
+      raise ConfigError(f"mesh {shown} does not divide --devices={devices}")
+    return devices
+  if devices and devices != fixed:
+    raise ConfigError(f"mesh {shown} needs {fixed} devices, --devices={devices}")
+  return fixed
+
+
+def set_xla_device_count(n: int) -> None:
+  """XLA_FLAGS with exactly one host device count (= n) and the fast-codegen flags, the user's other flags kept."""
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+          if not f.startswith("--xla_force_host_platform_device_count")]
+  extra = [f for f in FAST_CODEGEN if f.split("=")[0] not in {k.split("=")[0] for k in kept}]
+  os.environ["XLA_FLAGS"] = " ".join([*kept, f"--xla_force_host_platform_device_count={n}", *extra])
+
+
+def module_constant(spec: str, name: str) -> Any:
+  """A module-level constant of a config file (`path.py[:arg]`), None when it has none."""
+  path = spec.partition(":")[0]
+  module_spec = importlib.util.spec_from_file_location("_astro_plan_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return getattr(module, name, None)
+
+
+def architecture(config, spec: str, preset_name: str):
+  """(ModelConfig, where it came from): --preset, else the checkpoint's config, else the file's PLAN_PRESET."""
+  from astro_jax.model import config as model_config
+  name = preset_name
+  if not name and config.get("checkpoint") and Path(config.checkpoint).exists():
+    from astro_jax.stages import common
+    _, cfg = common.inspect_checkpoint(config)
+    return cfg, f"checkpoint {config.checkpoint}"
+  source = "--preset"
+  if not name:
+    name, source = module_constant(spec, "PLAN_PRESET"), "PLAN_PRESET"
+  if not name:
+    raise ConfigError(f"{spec}: no architecture: pass --preset=NAME (one of {', '.join(model_config.PRESETS)}), "
+                      f"set --config.checkpoint to an existing checkpoint, or give the config file a module-level "
+                      f"PLAN_PRESET")
+  if name not in model_config.PRESETS:
+    raise ConfigError(f"{source}: unknown preset {name!r}; known: {', '.join(model_config.PRESETS)}")
+  return model_config.PRESETS[name], f"preset {name} ({source})"
+
+
+def check_config(config) -> None:
+  """The stage's own checks, with the keys only a real run needs (checkpoint, data, output_dir) filled in."""
+  from astro_jax import stages
+  if "optimizer" not in config or "loss_chunk" not in config:
+    raise ConfigError(f"stage {config.stage!r} has no train step to plan (no optimizer / loss_chunk keys)")
+  probe = config.copy_and_resolve_references()
+  for key in ("checkpoint", "data", "output_dir"):
+    if key in probe and not probe[key]:
+      probe[key] = "<not needed by the plan>"
+  stages.get(probe.stage).check(probe)
+
+
+def capacity(accelerator: str) -> int | None:
+  if not accelerator:
+    return None
+  if accelerator not in CAPACITY_GIB:
+    raise ConfigError(f"config key 'accelerator' = {accelerator!r}: unknown; known: {', '.join(CAPACITY_GIB)} "
+                      f"(\"\": no capacity, no verdict)")
+  return int(CAPACITY_GIB[accelerator] * GIB)
+
+
+def cpu_model() -> str:
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  import platform
+  return platform.processor() or platform.machine()
+
+
+# --- the plan -----------------------------------------------------------------------------------------------------
+
+def shard_bytes(tree: Any) -> int:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard, as XLA allocates it)."""
+  import jax
+  import numpy as np
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def plan(config, spec: str, devices: int, preset_name: str) -> dict:
+  """Compile the config's train step for simulated devices and account its per-device bytes."""
+  check_config(config)
+  mesh_axes = {a: int(config.mesh[a]) for a in ("data", "fsdp", "tensor")}
+  n = device_count(mesh_axes, devices)
+  cap = capacity(config.accelerator)
+  set_xla_device_count(n)
+
+  import jax
+  import jax.numpy as jnp
+
+  from astro_jax.sharding import Sharder, make_mesh
+  from astro_jax.train import loop
+  from astro_jax.train import step as step_lib
+
+  if len(jax.devices()) != n:
+    raise RuntimeError(f"JAX's CPU backend has {len(jax.devices())} devices, not {n}: it started before "
+                       f"XLA_FLAGS was set")
+  model_cfg, source = architecture(config, spec, preset_name)
+  if config.seq_len > model_cfg.max_position_embeddings:
+    raise ConfigError(f"config key 'seq_len' = {config.seq_len}: longer than the model's context of "
+                      f"{model_cfg.max_position_embeddings} positions")
+  try:
+    mesh = make_mesh(mesh_axes["data"], mesh_axes["fsdp"], mesh_axes["tensor"])
+  except ValueError as e:
+    raise ConfigError(f"config key 'mesh': {e}") from None
+  sharder = Sharder.create(mesh, "train")
+  rows_axes = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro = config.batch_size // config.grad_accum
+  if config.batch_size % rows_axes:
+    raise ConfigError(f"config key 'batch_size' = {config.batch_size}: rows are split over data x fsdp = "
+                      f"{rows_axes} devices and must divide by it")
+  notes = []
+  if micro % rows_axes:
+    notes.append(f"a micro-batch of {micro} rows does not divide over data x fsdp = {rows_axes}: it is replicated "
+                 f"(every device computes all of its rows)")
+
+  trainer = loop.Trainer.create(config, model_cfg, sharder, PLAN_STEPS)
+  state = trainer.abstract_state()
+  batch = {k: jax.ShapeDtypeStruct((config.batch_size, config.seq_len),
+                                   jnp.float32 if k == "weights" else jnp.int32, sharding=trainer.batch_sharding)
+           for k in step_lib.BATCH_KEYS}
+  t0 = time.perf_counter()
+  lowered = trainer.step_fn.lower(state, batch)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  mem = compiled.memory_analysis()
+
+  params, optimizer = shard_bytes(state["params"]), shard_bytes(state["opt_state"])
+  batch_b = shard_bytes(batch)
+  temp = int(mem.temp_size_in_bytes)
+  other = int(mem.argument_size_in_bytes) - params - optimizer - batch_b + int(mem.output_size_in_bytes) \
+      - int(mem.alias_size_in_bytes)
+  total = params + optimizer + temp + batch_b + other
+  n_params = model_cfg.num_params()
+  return {
+      "config": spec, "stage": config.stage, "devices": n, "accelerator": config.accelerator,
+      "mesh": dict(mesh.shape),
+      "model": {"source": source, "params": n_params, "layers": model_cfg.n_layers, "d_model": model_cfg.d_model,
+                "param_dtype": config.model.param_dtype, "dtype": config.model.dtype, "remat": config.model.remat,
+                "scan_layers": config.model.scan_layers, "mu_dtype": config.optimizer.mu_dtype or "(params')"},
+      "batch": {"batch_size": config.batch_size, "grad_accum": config.grad_accum, "seq_len": config.seq_len,
+                "micro_batch_rows": micro, "rows_per_device_per_micro_batch": micro / rows_axes,
+                "tokens_per_step": config.batch_size * config.seq_len, "loss_chunk": config.loss_chunk},
+      "bytes_per_device": {"params": params, "optimizer": optimizer, "temporaries": temp, "batch": batch_b,
+                           "other": other, "total": total},
+      "state_bytes_per_param": round((params + optimizer) * n / n_params, 3),
+      "xla_memory_analysis": {"argument": int(mem.argument_size_in_bytes), "output": int(mem.output_size_in_bytes),
+                              "alias": int(mem.alias_size_in_bytes), "temp": temp,
+                              "generated_code": int(mem.generated_code_size_in_bytes)},
+      "capacity_bytes": cap, "fits": None if cap is None else total <= cap,
+      "headroom_bytes": None if cap is None else cap - total,
+      "lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2), "cpu": cpu_model(),
+      "jax": jax.__version__, "notes": notes,
+  }
+
+
+def table(r: dict) -> str:
+  """The plan as a readable table."""
+  b, m, bt = r["bytes_per_device"], r["model"], r["batch"]
+  g = lambda x: f"{x / GIB:9.2f}"
+  mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
+  lines = [
+      f"memory plan  {r['config']}  (stage {r['stage']}; {m['source']}; {m['params'] / 1e9:.2f}B params)",
+      f"  mesh {mesh} = {r['devices']} simulated devices; batch {bt['batch_size']} x {bt['seq_len']} tokens, "
+      f"grad_accum {bt['grad_accum']} ({bt['rows_per_device_per_micro_batch']:g} rows per device per micro-batch), "
+      f"loss_chunk {bt['loss_chunk']}",
+      f"  params {m['param_dtype']}, compute {m['dtype']}, remat {m['remat']}, Adam mu {m['mu_dtype']}; "
+      f"state {r['state_bytes_per_param']:g} bytes/param",
+      "",
+      f"  {'per device':<40}{'GiB':>9}",
+      f"  {'params':<40}{g(b['params'])}",
+      f"  {'optimizer state':<40}{g(b['optimizer'])}",
+      f"  {'temporaries (XLA temp: activations, grads)':<40}{g(b['temporaries'])}",
+      f"  {'batch':<40}{g(b['batch'])}",
+      f"  {'other (non-aliased outputs, step)':<40}{g(b['other'])}",
+      f"  {'total':<40}{g(b['total'])}",
+  ]
+  if r["capacity_bytes"] is None:
+    lines.append(f"  {'capacity':<40}{'unknown':>9}   (set config.accelerator for a verdict)")
+  else:
+    cap, head = r["capacity_bytes"], r["headroom_bytes"]
+    lines.append(f"  {'capacity ' + r['accelerator']:<40}{g(cap)}")
+    verdict = "fits" if r["fits"] else "DOES NOT FIT"
+    lines.append(f"  verdict: {verdict}, headroom {head / GIB:.2f} GiB ({100 * head / cap:.0f}% of capacity)")
+  lines.append(f"  compile {r['compile_s']:.1f} s (lower {r['lower_s']:.1f} s) on {r['cpu']}, jax {r['jax']}")
+  lines += [f"  note: {n}" for n in r["notes"]]
+  lines.append("  (XLA:CPU's buffer assignment: TPU/GPU fusion, collectives, fragmentation and runtime reserve "
+               "are not in it; see --help)")
+  return "\n".join(lines)
+
+
+# --- entry point --------------------------------------------------------------------------------------------------
+
+def main(argv: list[str]) -> None:
+  """Parse the flags as absl would (absl's own errors also become one line and exit 2), plan, print."""
+  # As astro_jax.main: unknown override keys and unparseable values fail as one line before absl sees them.
+  args = argv[1:]
+  helping = any(a in ("--help", "-h", "--helpshort", "--helpfull") for a in args)
+  try:
+    if not helping:
+      if not any(re.match(r"-?-config(=|$)", a) for a in args):
+        raise ConfigError("pass --config=configs/<name>.py[:target]")
+      base = astro_main.load_config_file(astro_main.config_spec(args))
+      for key in astro_main.override_keys(args):
+        astro_main.check_key(base, key)
+      for key, raw in astro_main.override_values(args):
+        astro_main.check_value(base, key, raw)
+    try:
+      rest = flags.FLAGS(argv)
+    except flags.Error as e:
+      raise ConfigError(str(e)) from None
+    if len(rest) > 1:
+      raise ConfigError(f"unexpected arguments: {' '.join(rest[1:])}")
+    config = astro_main.validate(flags.FLAGS.config)
+    result = plan(config, astro_main.config_spec(args), _DEVICES.value, _PRESET.value)
+  except UserError as e:
+    astro_main.fail(e)
+  for note in result["notes"]:
+    print(f"warning: {note}", file=sys.stderr)
+  print(json.dumps(result) if _JSON.value else table(result))
+
+
+if __name__ == "__main__":
+  main(sys.argv)
