@@ -359,3 +359,25 @@ def test_sampler_stats_count_rows_tokens_and_idle_steps(tiny):
   assert (s.stats.calls, s.stats.batches, s.stats.requests, s.stats.rows) == (1, 1, 2, 4)
   assert s.stats.tokens == sum(lengths) and s.stats.row_steps == 4 * max(lengths)
   assert s.stats.live_row_fraction == pytest.approx(sum(lengths) / (4 * max(lengths)))
+
+
+def test_update_weights_takes_params_casts_and_never_recompiles(tokenizer):
+  """The sampler takes a params pytree (a trainer's), keeps it in its own dtype, frees only its own copies, and
+  a second update with same-shaped weights compiles nothing; the trainer's execution settings do not leak in."""
+  from astro_jax.model import Execution
+  model = init_model(preset("tiny"), seed=4, run=Execution(remat="full", scan_layers=True))
+  sampler = Sampler(model, tokenizer, max_batch=8, dtype="bfloat16")
+  assert sampler.run == Execution(dtype="bfloat16", remat="none", scan_layers=False)
+  assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(sampler.params))
+  params = jax.tree.map(lambda a: a * 1.5, model.weights())
+  before = sampler._prepare_weights._cache_size()
+  sampler.update_weights(params)
+  assert sampler._prepare_weights._cache_size() == before  # same shapes and layout: the program is reused
+  np.testing.assert_allclose(np.asarray(sampler.params["embed"], np.float32),
+                             np.asarray(params["embed"].astype(jnp.bfloat16), np.float32))
+  assert all(not a.is_deleted() for a in jax.tree.leaves(params)) and not model.embed[...].is_deleted()
+  out = sampler.generate([[1, 5, 7]], SamplingParams(temperature=0, max_new_tokens=4))
+  assert len(out[0][0].token_ids) == 4
+  f32 = Sampler(model, tokenizer, max_batch=8)  # float32 sampling of float32 weights: embed may be the model's own
+  f32.update_weights(params)
+  assert not model.embed[...].is_deleted() and not params["embed"].is_deleted()
