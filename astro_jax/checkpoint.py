@@ -582,7 +582,7 @@ _STORAGE_STATUS = re.compile(r"(NOT_FOUND|OUT_OF_RANGE|DATA_LOSS|FAILED_PRECONDI
                              r"INTERNAL|PERMISSION_DENIED|UNAVAILABLE|ABORTED|RESOURCE_EXHAUSTED): ")
 
 
-def _storage_cause(error: BaseException) -> str | None:
+def storage_cause(error: BaseException) -> str | None:
   """One line: the innermost storage error (tensorstore status, missing file, bad JSON) behind `error`."""
   found, seen, e = None, set(), error
   while e is not None and id(e) not in seen:
@@ -599,13 +599,13 @@ def _storage_cause(error: BaseException) -> str | None:
 @contextmanager
 def _orbax_errors(params: Path) -> Iterator[None]:
   """Storage errors raised by Orbax/tensorstore become one CheckpointError naming the checkpoint."""
-  _drop_closed_loop_reports()
+  drop_closed_loop_reports()
   try:
     yield
   except CheckpointError:
     raise
   except Exception as e:  # noqa: BLE001 (re-raised unless it is a storage error)
-    cause = _storage_cause(e)
+    cause = storage_cause(e)
     if cause is None:
       raise
     raise CheckpointError(f"{params}: Orbax checkpoint is corrupted or incomplete: {cause}") from e
@@ -621,7 +621,7 @@ def _is_orbax_teardown_report(unraisable) -> bool:
   return code is not None and "orbax" in code.co_filename and isinstance(error.__cause__, GeneratorExit)
 
 
-def _drop_closed_loop_reports() -> None:
+def drop_closed_loop_reports() -> None:
   """Orbax's teardown after a failed read reports through sys.unraisablehook, a traceback each: drop exactly
   those reports, pass on the rest."""
   previous = sys.unraisablehook

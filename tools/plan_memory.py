@@ -64,9 +64,9 @@ from absl import flags  # noqa: E402
 
 from astro_jax import main as astro_main  # noqa: E402  (defines the --config flag exactly as the entry point does)
 from astro_jax.errors import ConfigError, UserError  # noqa: E402
+from astro_jax.train.metrics import ACCELERATOR_MEMORY_GIB  # noqa: E402
 
 GIB = 2**30
-CAPACITY_GIB: dict[str, float] = {"tpu_v5p": 95, "tpu_v5e": 16, "tpu_v4": 32, "h100": 80, "h200": 141, "a100": 80}
 PLAN_STEPS = 1000  # the schedule's length does not change any buffer
 FAST_CODEGEN = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
 
@@ -123,6 +123,8 @@ def architecture(config, spec: str, preset_name: str):
   source = "--preset"
   if not name:
     name, source = module_constant(spec, "PLAN_PRESET"), "PLAN_PRESET"
+    if config.get("checkpoint"):
+      source += f"; checkpoint {config.checkpoint} is not on this machine"
   if not name:
     raise ConfigError(f"{spec}: no architecture: pass --preset=NAME (one of {', '.join(model_config.PRESETS)}), "
                       f"set --config.checkpoint to an existing checkpoint, or give the config file a module-level "
@@ -147,10 +149,11 @@ def check_config(config) -> None:
 def capacity(accelerator: str) -> int | None:
   if not accelerator:
     return None
-  if accelerator not in CAPACITY_GIB:
-    raise ConfigError(f"config key 'accelerator' = {accelerator!r}: unknown; known: {', '.join(CAPACITY_GIB)} "
+  if accelerator not in ACCELERATOR_MEMORY_GIB:
+    raise ConfigError(f"config key 'accelerator' = {accelerator!r}: unknown; known: "
+                      f"{', '.join(ACCELERATOR_MEMORY_GIB)} "
                       f"(\"\": no capacity, no verdict)")
-  return int(CAPACITY_GIB[accelerator] * GIB)
+  return int(ACCELERATOR_MEMORY_GIB[accelerator] * GIB)
 
 
 def cpu_model() -> str:
@@ -178,7 +181,8 @@ def plan(config, spec: str, devices: int, preset_name: str) -> dict:
   check_config(config)
   mesh_axes = {a: int(config.mesh[a]) for a in ("data", "fsdp", "tensor")}
   n = device_count(mesh_axes, devices)
-  cap = capacity(config.accelerator)
+  accelerator = config.get("accelerator", "")
+  cap = capacity(accelerator)
   set_xla_device_count(n)
 
   import jax
@@ -230,7 +234,7 @@ def plan(config, spec: str, devices: int, preset_name: str) -> dict:
   total = params + optimizer + temp + batch_b + other
   n_params = model_cfg.num_params()
   return {
-      "config": spec, "stage": config.stage, "devices": n, "accelerator": config.accelerator,
+      "config": spec, "stage": config.stage, "devices": n, "accelerator": accelerator,
       "mesh": dict(mesh.shape),
       "model": {"source": source, "params": n_params, "layers": model_cfg.n_layers, "d_model": model_cfg.d_model,
                 "param_dtype": config.model.param_dtype, "dtype": config.model.dtype, "remat": config.model.remat,
@@ -252,37 +256,39 @@ def plan(config, spec: str, devices: int, preset_name: str) -> dict:
 
 
 def table(r: dict) -> str:
-  """The plan as a readable table."""
+  """The plan as a readable table (GiB, or MiB for small plans)."""
   b, m, bt = r["bytes_per_device"], r["model"], r["batch"]
-  g = lambda x: f"{x / GIB:9.2f}"
+  unit, scale = ("GiB", GIB) if b["total"] >= GIB else ("MiB", 2**20)
+  g = lambda x: f"{x / scale:10.2f}"
   mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
+  rows = bt["rows_per_device_per_micro_batch"]
   lines = [
-      f"memory plan  {r['config']}  (stage {r['stage']}; {m['source']}; {m['params'] / 1e9:.2f}B params)",
+      f"memory plan  {r['config']}  (stage {r['stage']}; {m['source']}; {m['params'] / 1e9:.3g}B params)",
       f"  mesh {mesh} = {r['devices']} simulated devices; batch {bt['batch_size']} x {bt['seq_len']} tokens, "
-      f"grad_accum {bt['grad_accum']} ({bt['rows_per_device_per_micro_batch']:g} rows per device per micro-batch), "
+      f"grad_accum {bt['grad_accum']} ({rows:g} row{'' if rows == 1 else 's'} per device per micro-batch), "
       f"loss_chunk {bt['loss_chunk']}",
       f"  params {m['param_dtype']}, compute {m['dtype']}, remat {m['remat']}, Adam mu {m['mu_dtype']}; "
       f"state {r['state_bytes_per_param']:g} bytes/param",
       "",
-      f"  {'per device':<40}{'GiB':>9}",
-      f"  {'params':<40}{g(b['params'])}",
-      f"  {'optimizer state':<40}{g(b['optimizer'])}",
-      f"  {'temporaries (XLA temp: activations, grads)':<40}{g(b['temporaries'])}",
-      f"  {'batch':<40}{g(b['batch'])}",
-      f"  {'other (non-aliased outputs, step)':<40}{g(b['other'])}",
-      f"  {'total':<40}{g(b['total'])}",
+      f"  {'per device':<44}{unit:>10}",
+      f"  {'params':<44}{g(b['params'])}",
+      f"  {'optimizer state':<44}{g(b['optimizer'])}",
+      f"  {'temporaries (activations, gradients, ...)':<44}{g(b['temporaries'])}",
+      f"  {'batch':<44}{g(b['batch'])}",
+      f"  {'other (non-aliased outputs, step counter)':<44}{g(b['other'])}",
+      f"  {'total':<44}{g(b['total'])}",
   ]
   if r["capacity_bytes"] is None:
-    lines.append(f"  {'capacity':<40}{'unknown':>9}   (set config.accelerator for a verdict)")
+    lines.append(f"  {'capacity':<44}{'unknown':>10}   (set config.accelerator for a verdict)")
   else:
     cap, head = r["capacity_bytes"], r["headroom_bytes"]
-    lines.append(f"  {'capacity ' + r['accelerator']:<40}{g(cap)}")
+    lines.append(f"  {'capacity (' + r['accelerator'] + ')':<44}{g(cap)}")
     verdict = "fits" if r["fits"] else "DOES NOT FIT"
-    lines.append(f"  verdict: {verdict}, headroom {head / GIB:.2f} GiB ({100 * head / cap:.0f}% of capacity)")
+    lines.append(f"  verdict: {verdict}, headroom {head / scale:.2f} {unit} ({100 * head / cap:.0f}% of capacity)")
   lines.append(f"  compile {r['compile_s']:.1f} s (lower {r['lower_s']:.1f} s) on {r['cpu']}, jax {r['jax']}")
   lines += [f"  note: {n}" for n in r["notes"]]
-  lines.append("  (XLA:CPU's buffer assignment: TPU/GPU fusion, collectives, fragmentation and runtime reserve "
-               "are not in it; see --help)")
+  lines.append("  XLA:CPU's buffer assignment of this step: TPU/GPU fusion and layouts, collective buffers, "
+               "fragmentation and the runtime's reserve are not in it (--help)")
   return "\n".join(lines)
 
 
@@ -292,16 +298,19 @@ def main(argv: list[str]) -> None:
   """Parse the flags as absl would (absl's own errors also become one line and exit 2), plan, print."""
   # As astro_jax.main: unknown override keys and unparseable values fail as one line before absl sees them.
   args = argv[1:]
-  helping = any(a in ("--help", "-h", "--helpshort", "--helpfull") for a in args)
+  if any(a in ("--help", "-h", "--helpshort", "--helpfull") for a in args):
+    print(__doc__.strip() + "\n\nflags:")
+    for flag in (flags.FLAGS["config"], _DEVICES, _PRESET, _JSON):
+      print(f"  --{flag.name}: {flags.FLAGS[flag.name].help}")
+    return
   try:
-    if not helping:
-      if not any(re.match(r"-?-config(=|$)", a) for a in args):
-        raise ConfigError("pass --config=configs/<name>.py[:target]")
-      base = astro_main.load_config_file(astro_main.config_spec(args))
-      for key in astro_main.override_keys(args):
-        astro_main.check_key(base, key)
-      for key, raw in astro_main.override_values(args):
-        astro_main.check_value(base, key, raw)
+    if not any(re.match(r"-?-config(=|$)", a) for a in args):
+      raise ConfigError("pass --config=configs/<name>.py[:target]")
+    base = astro_main.load_config_file(astro_main.config_spec(args))
+    for key in astro_main.override_keys(args):
+      astro_main.check_key(base, key)
+    for key, raw in astro_main.override_values(args):
+      astro_main.check_value(base, key, raw)
     try:
       rest = flags.FLAGS(argv)
     except flags.Error as e:

@@ -64,7 +64,7 @@ HELP = {
     "async_checkpoint": "write checkpoints in the background",
     "export_hf": "write the final weights to output_dir/hf as a HF checkpoint",
     "peak_flops": "peak FLOP/s of one device for MFU (0: from the device kind)",
-    "accelerator": "the memory plan's target (tools/plan_memory.py): " + "tpu_v5p, tpu_v5e, tpu_v4, h100, h200, a100",
+    "accelerator": "the memory plan's device (tools/plan_memory.py): tpu_v5p, tpu_v5e, tpu_v4, h100, h200, a100",
     "model.dtype": "compute dtype of matmuls and activations: float32 or bfloat16",
     "model.param_dtype": "dtype of the trained (master) weights and optimizer moments",
     "model.remat": "rematerialisation per layer: none, full, save_dots, save_layer_inputs",
@@ -152,6 +152,9 @@ def check_train(config: ml_collections.ConfigDict) -> None:
   r(config.keep >= 1, "keep", config.keep, "must be >= 1")
   r(config.peak_flops >= 0, "peak_flops", config.peak_flops, "must be >= 0 (0: from the device kind)")
   r(bool(config.output_dir), "output_dir", config.output_dir, "a run directory is required")
+  from astro_jax.train.metrics import ACCELERATOR_MEMORY_GIB
+  r(config.accelerator in ("",) + tuple(ACCELERATOR_MEMORY_GIB), "accelerator", config.accelerator,
+    f"must be \"\" or one of {tuple(ACCELERATOR_MEMORY_GIB)}")
   r(not (config.resume and config.overwrite), "resume", config.resume, "resume and overwrite exclude each other")
 
 

@@ -3,18 +3,15 @@
 Each step directory holds the train state (params, optimizer state, step) and the data iterator's state. A save
 is written to a temporary directory (`<step>.orbax-checkpoint-tmp`) and renamed when complete, so a kill during a save
 leaves the previous step intact (the temporary directory is removed at the next save); a step that fails to restore
-(partial or corrupted files) is skipped with a warning and deleted (the resumed run redoes it), and the one before
-it is used.
+(partial or corrupted files) is skipped with a warning, and the one before it is used (when resuming, the broken step
+is deleted: the run redoes it).
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import jax
-
-logger = logging.getLogger(__name__)
 
 
 class Checkpoints:
@@ -37,13 +34,14 @@ class Checkpoints:
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     data=ocp.args.JsonSave(data_state)), force=True)
 
-  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+  def restore_latest(self, abstract_state: Any, *, delete_broken: bool = False) -> tuple[int, Any, dict] | None:
     """(step, state, data state) of the newest step that restores; None when there is none. `abstract_state`:
-    ShapeDtypeStructs with shardings (the state is restored straight into them, on any mesh). The newer steps that
-    did not restore are deleted: the run redoes them, and Orbax refuses to save a step that exists."""
-    from astro_jax.checkpoint import _drop_closed_loop_reports, _storage_cause
+    ShapeDtypeStructs with shardings (the state is restored straight into them, on any mesh). `delete_broken`
+    (resuming): delete the newer steps that did not restore, which the run redoes (Orbax refuses to save a step
+    that exists, and stale newer steps would make it drop the new ones as the oldest)."""
+    from astro_jax.checkpoint import drop_closed_loop_reports, storage_cause
     ocp = self._ocp
-    _drop_closed_loop_reports()  # a failed read's late tensorstore callbacks: not one traceback each
+    drop_closed_loop_reports()  # a failed read's late tensorstore callbacks: not one traceback each
     found, broken = None, []
     for step in reversed(self.steps()):
       try:
@@ -53,13 +51,12 @@ class Checkpoints:
         found = step, state, dict(restored["data"])
         break
       except Exception as e:  # noqa: BLE001  (whatever a broken step raises: try the one before)
-        first = _storage_cause(e) or (str(e).strip().splitlines() or [""])[0][:300]
-        logger.warning("checkpoint step %d in %s does not restore (%s: %s); deleting it, trying the previous one",
-                       step, self.directory, type(e).__name__, first)
-        print(f"warning: checkpoint step {step} in {self.directory} does not restore ({type(e).__name__}: "
-              f"{first}); deleting it, trying the previous one", flush=True)
+        cause = storage_cause(e) or (str(e).strip().splitlines() or [""])[0][:300]
+        what = (f"checkpoint step {step} in {self.directory} does not restore ({type(e).__name__}: {cause}); "
+                f"{'deleting it, ' if delete_broken else ''}trying the previous one")
+        print(f"warning: {what}", flush=True)
         broken.append(step)
-    for step in broken:
+    for step in broken if delete_broken else ():
       self.manager.delete(step)
     return found
 

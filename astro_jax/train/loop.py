@@ -88,6 +88,7 @@ class Trainer:
              loss_fn: Callable | None = None) -> "Trainer":
     """The optimizer, shardings and jitted step for this config (loss_fn: (cfg, run, sharder, params, batch) ->
     sums; default the token-mean next-token loss)."""
+    step_lib.check_batch(config.batch_size, config.grad_accum, sharder)
     m, o = config.model, config.optimizer
     cfg = cfg.replace(param_dtype=m.param_dtype)
     run = Execution(dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers)
@@ -152,7 +153,7 @@ class Trainer:
     if is_writer():
       record.record(stale=[])
     ckpts = checkpoints_lib.Checkpoints(out / "checkpoints", keep=self.keep, async_save=self.async_save)
-    restored = ckpts.restore_latest(self.abstract_state()) if config.resume else None
+    restored = ckpts.restore_latest(self.abstract_state(), delete_broken=True) if config.resume else None
     if restored is None:
       if config.resume:
         print(f"resume: no checkpoint in {out / 'checkpoints'}; starting at step 0")

@@ -17,6 +17,10 @@ PEAK_BF16_FLOPS = {
     "l40s": 362e12, "a10g": 125e12,
 }
 
+# Memory of one device by the names `config.accelerator` takes (the memory plan's capacity), GiB.
+ACCELERATOR_MEMORY_GIB: dict[str, float] = {"tpu_v5p": 95, "tpu_v5e": 16, "tpu_v4": 32, "h100": 80, "h200": 141,
+                                            "a100": 80}
+
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   """FLOPs of forward + backward per token as the hardware does them: 6 x (matmul weights, the output head
@@ -62,7 +66,7 @@ class MetricsLog:
     keep_rows(self.path, resume_step)  # rows past the restored checkpoint are redone by this run
     self._file = open(self.path, "a")
     from tensorboardX import SummaryWriter
-    self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+    self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resume_step + 1)
 
   def write(self, row: dict[str, Any]) -> None:
     self._file.write(json.dumps(row) + "\n")

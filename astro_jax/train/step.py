@@ -7,6 +7,7 @@ SFT's loss is `losses.nll_loss`; RL brings its own with the same contract.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable
 
 import jax
@@ -42,6 +43,17 @@ def state_shardings(tx: optax.GradientTransformation, cfg: ModelConfig, params_a
 def batch_sharding(sharder: Sharder) -> NamedSharding:
   """[B, T] inputs: rows over the batch axes (data x fsdp), positions whole."""
   return sharder.named(("batch", "seq"))
+
+
+def check_batch(batch_size: int, accum: int, sharder: Sharder) -> None:
+  """ConfigError unless every micro-batch splits evenly over the batch axes (else each device would silently
+  compute a replicated micro-batch, or the batch could not be placed at all)."""
+  from astro_jax.errors import ConfigError
+  shards = math.prod(sharder.mesh.shape[a] for a in (dict(sharder.rules)["batch"] or ()))
+  if (batch_size // accum) % shards:
+    raise ConfigError(f"config key 'batch_size' = {batch_size}: batch_size / grad_accum = {batch_size // accum} "
+                      f"rows per micro-batch must be a multiple of the devices the batch is split over (mesh "
+                      f"data x fsdp = {shards})")
 
 
 def init_state(params: dict, tx: optax.GradientTransformation, shardings: TrainState | None = None) -> TrainState:
