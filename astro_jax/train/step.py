@@ -96,7 +96,7 @@ def train_step(loss_fn: LossFn, tx: optax.GradientTransformation, accum: int, sh
   (grad_sum, loss_sum, weight_sum, extra), _ = jax.lax.scan(micro, zeros, _micro_batches(batch, accum, sharder))
   denom = jnp.maximum(weight_sum, 1e-9)
   grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grad_sum)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state["opt_state"], params)
   new_params = optax.apply_updates(params, updates)
   metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "weight": weight_sum,
