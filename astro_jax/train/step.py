@@ -100,7 +100,7 @@ def train_step(loss_fn: LossFn, tx: optax.GradientTransformation, accum: int, sh
   updates, opt_state = tx.update(grads, state["opt_state"], params)
   new_params = optax.apply_updates(params, updates)
   metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "weight": weight_sum,
-             **{k: v / denom for k, v in extra.items()}}
+             **extra}  # extra sums as they are: each has its own denominator (e.g. clipped tokens / tokens)
   return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
 
