@@ -485,8 +485,9 @@ def save_hf(model: Llama, out_dir: str | os.PathLike, *, tokenizer_dir: str | os
 
   `hf_config` / `generation_config`: the source checkpoint's files, kept (config.json updated by our fields).
   """
-  if jax.process_count() > 1:
-    raise NotImplementedError("HF export runs in a single process; restore the Orbax checkpoint on one host")
+  if not all(getattr(a, "is_fully_addressable", True) for a in jax.tree.leaves(nnx.state(model))):
+    raise NotImplementedError("HF export needs the whole model on this host: gather its arrays first "
+                              "(train.loop.host_params), then export from one process")
   prepare_output(out_dir, overwrite)
   cfg = model.cfg
   files = _shard_plan(cfg, max_shard_bytes)

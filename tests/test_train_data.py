@@ -335,3 +335,11 @@ def test_loader_with_fewer_rows_than_batch():
   assert loader.steps_per_epoch == 1
   flat = [i for _ in range(3) for i in ids_of(next(loader))]
   assert all(sorted(flat[i:i + 3]) == [0, 1, 2] for i in range(0, 12, 3))  # epochs wrap inside batches
+
+
+def test_loader_with_one_row_per_step():
+  """batch 1: an endless stream batched by one (grain's length of it must not overflow)."""
+  rows = [{"tokens": np.full(4, i, np.int32)} for i in range(3)]
+  loader = make_loader(rows, global_batch=1, seed=0)
+  seen = [int(next(loader)["tokens"][0, 0]) for _ in range(6)]
+  assert sorted(seen[:3]) == [0, 1, 2] and sorted(seen[3:]) == [0, 1, 2]

@@ -270,5 +270,6 @@ def run(config: ml_collections.ConfigDict) -> None:
   if config.export_hf:
     trainer.export_hf(ckpt, out / "hf", tokenizer_dir=config.tokenizer or None)
   last = rows_out[-1] if rows_out else {}
-  print(f"sft: {total} steps; final loss {last.get('loss', float('nan')):.4f}; run directory {out}")
+  if common.is_writer():
+    print(f"sft: {total} steps; final loss {last.get('loss', float('nan')):.4f}; run directory {out}")
   del np, jax

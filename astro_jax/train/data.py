@@ -293,7 +293,10 @@ class Loader:
     # A well-mixed 32-bit grain seed (grain reseeds epoch e with seed + e; this keeps nearby seeds apart).
     grain_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
     local = np.asarray(self.local, np.int64)
-    indices = grain.MapDataset.range(len(rows)).shuffle(seed=grain_seed).repeat().batch(global_batch)
+    # drop_remainder: the same batches (an endless stream has no last one) and an exact integer length; without
+    # it grain computes ceil(sys.maxsize / global_batch) in floats, 2**63 for a batch of 1, and len() overflows.
+    indices = (grain.MapDataset.range(len(rows)).shuffle(seed=grain_seed).repeat()
+               .batch(global_batch, drop_remainder=True))
     batches = indices.map(lambda idx_G: {k: v[idx_G[local]] for k, v in self.columns.items()})
     # Rows live in memory: gathering a batch is cheap, so no prefetch threads (and no buffered batches).
     self._iter = iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))

@@ -55,12 +55,18 @@ def to_global(sharding: NamedSharding, local: np.ndarray, global_rows: int) -> j
   return jax.make_array_from_process_local_data(sharding, local, shape)
 
 
-def host_params(params: dict) -> dict[str, np.ndarray]:
-  """Params as NumPy on this host (all-gathered when they span processes: every process must call this)."""
+def host_params(params: dict, keep: bool = True) -> dict[str, np.ndarray]:
+  """Params as NumPy on this host, all-gathered weight by weight when they span processes (every process must
+  call this; a process with keep=False drops each weight at once, so it never holds the whole model)."""
   if all(a.is_fully_addressable for a in params.values()):
     return {k: np.asarray(jax.device_get(v)) for k, v in params.items()}
   from jax.experimental import multihost_utils
-  return {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in params.items()}
+  out = {}
+  for k, v in params.items():
+    whole = np.asarray(multihost_utils.process_allgather(v, tiled=True))
+    if keep:
+      out[k] = whole
+  return out
 
 
 @dataclasses.dataclass
@@ -239,7 +245,7 @@ class Trainer:
     from astro_jax import checkpoint
     from astro_jax.model.llama import abstract_model
     from astro_jax.stages.common import is_writer
-    params = host_params(self.state["params"])
+    params = host_params(self.state["params"], keep=is_writer())
     if not is_writer():
       return None
     graphdef, abs_state = nnx.split(abstract_model(self.cfg))
