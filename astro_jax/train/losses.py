@@ -15,9 +15,10 @@ from astro_jax.sharding import Sharder, constrain
 
 
 def target_logprobs(cfg: ModelConfig, params: dict, hidden_BTD: jax.Array, targets_BT: jax.Array, *, dt,
-                    chunk: int, sharder: Sharder | None = None,
-                    with_entropy: bool = False) -> tuple[jax.Array, jax.Array | None]:
-  """log p(target) [B, T] in float32 (and the predictive entropy [B, T] if asked), `chunk` positions at a time."""
+                    chunk: int, sharder: Sharder | None = None, with_entropy: bool = False,
+                    temperature: float = 1.0) -> tuple[jax.Array, jax.Array | None]:
+  """log p(target) [B, T] in float32 (and the predictive entropy [B, T] if asked), `chunk` positions at a time;
+  p = softmax(logits / temperature) over the whole vocabulary (the sampler's distribution without top-p/k)."""
   B, T, D = hidden_BTD.shape
   c = max(1, min(chunk, T))
   n = -(-T // c)
@@ -31,6 +32,8 @@ def target_logprobs(cfg: ModelConfig, params: dict, hidden_BTD: jax.Array, targe
   @jax.checkpoint
   def one(h_BcD, y_Bc):
     logits_BcV = constrain(sharder, head_logits(cfg, params, h_BcD, dt), ("batch", "seq", "act_vocab"))
+    if temperature != 1.0:
+      logits_BcV = logits_BcV / temperature
     lse_Bc = jax.nn.logsumexp(logits_BcV, axis=-1)
     logp_Bc = jnp.take_along_axis(logits_BcV, y_Bc[..., None], axis=-1)[..., 0] - lse_Bc
     if not with_entropy:
@@ -44,12 +47,13 @@ def target_logprobs(cfg: ModelConfig, params: dict, hidden_BTD: jax.Array, targe
 
 
 def sequence_logprobs(cfg: ModelConfig, run: Execution, sharder: Sharder | None, params: dict, batch: dict, *,
-                      chunk: int, with_entropy: bool = False) -> tuple[jax.Array, jax.Array | None]:
+                      chunk: int, with_entropy: bool = False,
+                      temperature: float = 1.0) -> tuple[jax.Array, jax.Array | None]:
   """log p(targets) [B, T] of a packed batch (tokens, positions, segment_ids, targets: all [B, T])."""
   hidden_BTD, _ = forward(cfg, sharder, params, batch["tokens"], batch["positions"],
                           segment_ids_BT=batch["segment_ids"], run=run, hidden_only=True)
   return target_logprobs(cfg, params, hidden_BTD, batch["targets"], dt=run.jnp_dtype, chunk=chunk,
-                         sharder=sharder, with_entropy=with_entropy)
+                         sharder=sharder, with_entropy=with_entropy, temperature=temperature)
 
 
 def nll_loss(cfg: ModelConfig, run: Execution, sharder: Sharder | None, params: dict, batch: dict, *,

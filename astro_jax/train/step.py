@@ -104,14 +104,23 @@ def train_step(loss_fn: LossFn, tx: optax.GradientTransformation, accum: int, sh
   return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
 
+def batch_shardings(sharder: Sharder, batch_axes: dict[str, tuple[str, ...]]) -> dict[str, NamedSharding]:
+  return {k: sharder.named(axes) for k, axes in batch_axes.items()}
+
+
+SFT_BATCH_AXES = {k: ("batch", "seq") for k in BATCH_KEYS}
+
+
 def jit_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, accum: int = 1,
-                   sharder: Sharder | None = None, shardings: TrainState | None = None) -> Callable:
-  """`train_step` jitted: the state is donated (updated in place) and keeps its sharding; metrics replicated."""
+                   sharder: Sharder | None = None, shardings: TrainState | None = None,
+                   batch_axes: dict[str, tuple[str, ...]] = SFT_BATCH_AXES) -> Callable:
+  """`train_step` jitted: the state is donated (updated in place) and keeps its sharding; metrics replicated.
+  batch_axes: the logical axes of each batch input (RL adds per-row advantages, ("batch",))."""
   fn = functools.partial(train_step, loss_fn, tx, accum, sharder)
   if sharder is None:
     return jax.jit(fn, donate_argnums=0)
   replicated = NamedSharding(sharder.mesh, PartitionSpec())
-  in_batch = {k: batch_sharding(sharder) for k in BATCH_KEYS}
+  in_batch = batch_shardings(sharder, batch_axes)
   return jax.jit(fn, in_shardings=(shardings, in_batch), out_shardings=(shardings, replicated), donate_argnums=0)
 
 
