@@ -16,18 +16,19 @@ recorded in benchmarks/results/plan_memory.json):
   8.03B params), plus float32 gradients of the micro-batch (4) and their accumulator across micro-batches (4) in
   the step's temporaries: 20 bytes/param at the peak (~160 GB), spread over the mesh. Matmuls and activations
   run in bfloat16 (model.dtype), losses and softmax in float32.
-* Activations: attention materialises float32 scores [rows, heads, T, T]: at T = 8192 that is 8 GiB per row per
-  layer for 32 heads, and several such buffers live in the backward of one layer. So: remat "full" (a layer keeps
-  only its input, 64 MiB per row in bfloat16; the backward recomputes the layer, +1/3 FLOPs), and ONE row per device
-  per micro-batch (grad_accum makes up the batch of 64; the token-mean loss is exact under accumulation).
-  Measured on the v5p plan: remat none 730 GiB (no), save_dots 82 GiB (fits, 14% headroom: an option when tuning for
-  speed), save_layer_inputs 52 GiB, full 47 GiB.
+* Activations: attention's float32 scores [rows, heads, T, T] are 8 GiB per row per layer at T = 8192 for 32
+  heads, several of them live in one layer's backward. So: queries attend in blocks of 1024 (model.attention_block:
+  one block's scores at a time, each block recomputed in the backward), and remat "full" (a layer keeps only its
+  input, 64 MiB per row in bfloat16; the backward recomputes the layer, +1/3 FLOPs). Then TWO rows per device per
+  micro-batch fit (grad_accum makes up the batch of 64; the token-mean loss is exact under accumulation).
+  Measured on the v5p plan with one row per device: whole attention 47 GiB (remat none 730 GiB: no; save_dots 82
+  GiB; save_layer_inputs 52 GiB), blocked attention 20 GiB; with two rows, blocked: 28 GiB.
 * tpu_v5p: a v5p-32 slice = 16 chips of 95 GiB (4 hosts). mesh fsdp=16: weights, gradients and moments split 16
-  ways (FSDP over the ICI torus; no tensor axis needed at 8B), 1 row per chip, grad_accum 4. Plan: 47 GiB per
-  chip (params 1.9 + optimizer 3.7 + temporaries 41.6), 50% headroom.
-* h100: one node of 8 x H100 80 GB. mesh fsdp=8 over NVLink, 1 row per GPU, grad_accum 8. Plan: 56 GiB per GPU
-  (params 3.7 + optimizer 7.5 + temporaries 45.2), 29% headroom. JAX on GPU preallocates 75% (60 GB) by default:
-  this fits under it, but set XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 to leave the allocator room.
+  ways (FSDP over the ICI torus; no tensor axis needed at 8B), 2 rows per chip, grad_accum 2. Plan: 28 GiB per
+  chip (params 1.9 + optimizer 3.7 + temporaries 22.2), 71% headroom.
+* h100: one node of 8 x H100 80 GB. mesh fsdp=8 over NVLink, 2 rows per GPU, grad_accum 4. Plan: 37 GiB per GPU
+  (params 3.7 + optimizer 7.5 + temporaries 25.7), 54% headroom, under JAX's default GPU preallocation of 75%
+  (60 GB).
 The plan is XLA:CPU's buffer assignment of this program (see tools/plan_memory.py --help for what it cannot see);
 run the first steps with the profiler before a long run.
 """
@@ -38,8 +39,8 @@ PLAN_PRESET = "llama3.1_8b"  # the architecture tools/plan_memory.py plans for (
 
 # target -> accelerator, mesh (data, fsdp, tensor), grad_accum, multi-host
 TARGETS = {
-    "tpu_v5p": dict(accelerator="tpu_v5p", mesh=(1, 16, 1), grad_accum=4, distributed=True),  # v5p-32: 16 chips
-    "h100": dict(accelerator="h100", mesh=(1, 8, 1), grad_accum=8, distributed=False),        # 1 node, 8 GPUs
+    "tpu_v5p": dict(accelerator="tpu_v5p", mesh=(1, 16, 1), grad_accum=2, distributed=True),  # v5p-32: 16 chips
+    "h100": dict(accelerator="h100", mesh=(1, 8, 1), grad_accum=4, distributed=False),        # 1 node, 8 GPUs
 }
 
 
@@ -56,7 +57,7 @@ def get_config(target: str = "tpu_v5p"):
   c.distributed.enabled = t["distributed"]  # one process per host; addresses from the TPU / cluster environment
   c.steps = 0                       # one epoch
   c.batch_size = 64                 # packed rows per step: 64 x 8192 = 512K tokens
-  c.grad_accum = t["grad_accum"]    # 64 / grad_accum / (data x fsdp) = 1 row per device per micro-batch
+  c.grad_accum = t["grad_accum"]    # 64 / grad_accum / (data x fsdp) = 2 rows per device per micro-batch
   c.seq_len = 8192
   c.max_length = 0                  # = seq_len, the paper's maximum
   c.loss_on = "all"                 # the paper: no masking
@@ -66,6 +67,7 @@ def get_config(target: str = "tpu_v5p"):
   c.model.param_dtype = "float32"   # master weights and Adam moments
   c.model.dtype = "bfloat16"        # matmuls and activations
   c.model.remat = "full"
+  c.model.attention_block = 1024    # one block of 1024 queries' scores at a time (2 GiB per row per layer)
   c.model.scan_layers = True        # one compiled layer
   c.optimizer.lr = 1e-5
   c.optimizer.schedule = "cosine"

@@ -36,9 +36,12 @@ class Execution:
   dtype: str = "float32"    # dtype of matmuls and activations (weights are cast to it where they are used)
   remat: str = "none"       # one of REMAT_POLICIES
   scan_layers: bool = True  # lax.scan over the stacked layers (one compiled layer) vs an unrolled loop
+  attention_block: int = 0  # > 0: queries attend in blocks of this many (scores of one block at a time; training)
 
   def __post_init__(self):
     _check_dtype("dtype", self.dtype)
+    if self.attention_block < 0:
+      raise ValueError(f"attention_block={self.attention_block}; expected >= 0 (0: off)")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r}; expected one of {REMAT_POLICIES}")
 

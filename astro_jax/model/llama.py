@@ -87,6 +87,20 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   return weight.astype(x.dtype) * y.astype(x.dtype)
 
 
+def blocked_attention(q_BTNH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Array, mask_BTS: jax.Array,
+                      block: int) -> jax.Array:
+  """`attention`, `block` queries at a time, each block rematerialised in the backward pass: the float32 scores
+  of one block [B, K, G, block, S] exist at once instead of all T rows of them (long packed training rows)."""
+  B, T, N, H = q_BTNH.shape
+  if not block or T <= block or T % block:
+    return attention(q_BTNH, k_BKHS, v_BKSH, mask_BTS)
+  n = T // block
+  q_nBbNH = q_BTNH.reshape(B, n, block, N, H).swapaxes(0, 1)
+  mask_nBbS = mask_BTS.reshape(B, n, block, -1).swapaxes(0, 1)
+  one = jax.checkpoint(lambda xs: attention(xs[0], k_BKHS, v_BKSH, xs[1]))
+  return jax.lax.map(one, (q_nBbNH, mask_nBbS)).swapaxes(0, 1).reshape(B, T, N, H)
+
+
 def attention(q_BTNH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
   """Grouped-query attention; scores and softmax in float32. Returns [B, T, N, H]."""
   B, T, N, H = q_BTNH.shape
@@ -131,8 +145,9 @@ def _write_kv(kv, k_BKHT: jax.Array, v_BKTH: jax.Array, index: jax.Array):
   return keys, values, (k_all, v_all, i)
 
 
-def _layer(cfg: ModelConfig, dt, sharder: Sharder | None, x_BTD, w, kv, cos, sin, mask_BTS, index):
-  """One decoder layer in compute dtype `dt`; `kv` as in `_write_kv` (new keys/values go to slot `index`)."""
+def _layer(cfg: ModelConfig, run: Execution, sharder: Sharder | None, x_BTD, w, kv, cos, sin, mask_BTS, index):
+  """One decoder layer run as `run` says; `kv` as in `_write_kv` (new keys/values go to slot `index`)."""
+  dt = run.jnp_dtype
   B, T, _ = x_BTD.shape
   N, H = cfg.n_heads, cfg.head_dim
   h = checkpoint_name(rms_norm(x_BTD, w["attn_norm"], cfg.rms_norm_eps), "attn_input")
@@ -146,7 +161,7 @@ def _layer(cfg: ModelConfig, dt, sharder: Sharder | None, x_BTD, w, kv, cos, sin
     v = jnp.einsum("btd,dkh->btkh", h, w["wv"].astype(dt))
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
   keys, values, kv = _write_kv(kv, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), index)
-  attn = attention(q, keys.astype(dt), values.astype(dt), mask_BTS)
+  attn = blocked_attention(q, keys.astype(dt), values.astype(dt), mask_BTS, run.attention_block)
   # Contract over the flattened (n, h) so that XLA transposes the small activation, never the weight.
   x_BTD = x_BTD + jnp.einsum("btm,md->btd", attn.reshape(B, T, N * H), w["wo"].reshape(N * H, -1).astype(dt))
   x_BTD = constrain(sharder, x_BTD, ("batch", "seq", "act_embed"))
@@ -205,7 +220,7 @@ def forward(cfg: ModelConfig, sharder: Sharder | None, params: dict, tokens_BT: 
   x = constrain(sharder, x, ("batch", "seq", "act_embed"))
 
   def layer(x, w, kv):
-    return _layer(cfg, dt, sharder, x, w, kv, cos, sin, mask_BTS, index)
+    return _layer(cfg, run, sharder, x, w, kv, cos, sin, mask_BTS, index)
   scanned = "layers" not in params and run.scan_layers
   layer = _rematerialised(layer, run.remat, scanned)
 

@@ -69,6 +69,7 @@ HELP = {
     "model.param_dtype": "dtype of the trained (master) weights and optimizer moments",
     "model.remat": "rematerialisation per layer: none, full, save_dots, save_layer_inputs",
     "model.scan_layers": "lax.scan over the layers (one compiled layer) vs unrolled",
+    "model.attention_block": "queries attended to in blocks of N, one block's scores at a time (0: all at once)",
     "optimizer.lr": "peak learning rate",
     "optimizer.schedule": "decay after warmup: cosine, linear or constant",
     "optimizer.warmup_fraction": "warmup steps as a fraction of steps",
@@ -118,7 +119,7 @@ def defaults() -> ml_collections.ConfigDict:
 def train_model_config() -> ml_collections.ConfigDict:
   """How a training stage runs the model (the architecture comes from the checkpoint)."""
   return ml_collections.ConfigDict({"dtype": "float32", "param_dtype": "float32", "remat": "none",
-                                    "scan_layers": True})
+                                    "scan_layers": True, "attention_block": 0})
 
 
 def optimizer_config() -> ml_collections.ConfigDict:
@@ -135,6 +136,7 @@ def check_train(config: ml_collections.ConfigDict) -> None:
   m, o, r = config.model, config.optimizer, common.require
   r(m.param_dtype in DTYPES, "model.param_dtype", m.param_dtype, f"must be one of {DTYPES}")
   r(m.remat in REMAT_POLICIES, "model.remat", m.remat, f"must be one of {REMAT_POLICIES}")
+  r(m.attention_block >= 0, "model.attention_block", m.attention_block, "must be >= 0 (0: off)")
   r(o.lr > 0 and math.isfinite(o.lr), "optimizer.lr", o.lr, "must be a positive number")
   r(o.schedule in SCHEDULES, "optimizer.schedule", o.schedule, f"must be one of {SCHEDULES}")
   for key in ("warmup_fraction", "final_lr_fraction"):

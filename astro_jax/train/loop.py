@@ -97,7 +97,7 @@ class Trainer:
     step_lib.check_batch(config.batch_size, config.grad_accum, sharder)
     m, o = config.model, config.optimizer
     cfg = cfg.replace(param_dtype=m.param_dtype)
-    run = Execution(dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers)
+    run = Execution(dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers, attention_block=m.attention_block)
     warmup = int(round(o.warmup_fraction * total_steps))
     schedule = optim.learning_rate(o.lr, total_steps, warmup, o.schedule, o.final_lr_fraction)
     abstract = abstract_params(cfg)
