@@ -119,7 +119,8 @@ def test_big_sft_configs_are_valid_apart_from_their_inputs(spec):
   assert config.accelerator == ("h100" if target.startswith("h100") else target)
   mesh = config.mesh
   assert -1 not in (mesh.data, mesh.fsdp, mesh.tensor)  # the device count follows from the config
-  assert config.batch_size // config.grad_accum == mesh.data * mesh.fsdp  # one row per batch shard
+  rows_per_shard = config.batch_size // config.grad_accum // (mesh.data * mesh.fsdp)
+  assert config.batch_size // config.grad_accum % (mesh.data * mesh.fsdp) == 0 and rows_per_shard in (1, 2)
   probe = config.copy_and_resolve_references()
   probe.checkpoint, probe.data, probe.output_dir = "CKPT", "sft.jsonl", "RUN"
   stages.get("sft").check(probe)
