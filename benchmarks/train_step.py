@@ -21,7 +21,8 @@ ours, in alternating order; medians are reported. All variants of ours train one
 uses os.cpu_count() threads; XLA:CPU uses all cores by default. The machine should be otherwise idle: the load
 average is printed before and after (oversubscribed cores slow torch's thread pool far more than XLA's).
 
-Variants of ours: `<scan|unroll>/<remat policy>/<loss chunk>`; the default (`scan/none/512`) is what the SFT
+Variants of ours: `<scan|unroll>/<remat policy>/<loss chunk>` (chunk 0: `losses.full_logits_nll`, the whole
+[B, T, V] logits at once instead of the chunked, rematerialised `nll_loss`); the default (`scan/none/512`) is what the SFT
 stage runs by default (model.scan_layers True, model.remat none, loss_chunk 512).
 
 MFU: tokens/s x `metrics.train_flops_per_token` / `metrics.peak_flops` -- on a CPU that peak is NOMINAL (AVX-512,
@@ -67,25 +68,28 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-  """How ours runs: layer loop, remat policy, loss chunk (positions whose logits exist at once)."""
+  """How ours runs: layer loop, remat policy, loss chunk (positions whose logits exist at once), and optionally
+  `Execution.attention_block` (queries attended to in blocks of this many)."""
   scan: bool
   remat: str
   chunk: int
+  attention_block: int = 0
 
   @classmethod
   def parse(cls, s: str) -> "Variant":
-    loop, remat, chunk = s.split("/")
-    if loop not in ("scan", "unroll"):
-      raise ValueError(f"variant {s!r}: layer loop must be scan or unroll")
-    return cls(loop == "scan", remat, int(chunk))
+    loop, remat, chunk, *block = s.split("/")
+    if loop not in ("scan", "unroll") or len(block) > 1 or (block and not block[0].startswith("ab")):
+      raise ValueError(f"variant {s!r}: expected <scan|unroll>/<remat>/<loss chunk>[/ab<attention block>]")
+    return cls(loop == "scan", remat, int(chunk), int(block[0][2:]) if block else 0)
 
   @property
   def name(self) -> str:
-    return f"{'scan' if self.scan else 'unroll'}/{self.remat}/{self.chunk}"
+    block = f"/ab{self.attention_block}" if self.attention_block else ""
+    return f"{'scan' if self.scan else 'unroll'}/{self.remat}/{self.chunk}{block}"
 
-  @property
-  def run(self) -> Execution:
-    return Execution(dtype="float32", remat=self.remat, scan_layers=self.scan)
+  def run(self, dtype: str = "float32") -> Execution:
+    block = {"attention_block": self.attention_block} if self.attention_block else {}
+    return Execution(dtype=dtype, remat=self.remat, scan_layers=self.scan, **block)
 
 
 def host_cpu() -> str:
@@ -124,8 +128,16 @@ def make_tx(params: dict):
                      weight_decay=WEIGHT_DECAY, clip_norm=CLIP)
 
 
+def ours_loss(cfg: ModelConfig, run: Execution, chunk: int) -> step_lib.LossFn:
+  """`losses.nll_loss` projecting `chunk` positions at a time; chunk 0: `losses.full_logits_nll` (all [B, T, V]
+  logits at once, nothing recomputed in the backward pass)."""
+  if chunk == 0:
+    return lambda p, b: (*losses.full_logits_nll(cfg, run, p, b), {})
+  return lambda p, b: losses.nll_loss(cfg, run, None, p, b, chunk=chunk)
+
+
 def ours_step_fn(cfg: ModelConfig, run: Execution, chunk: int, tx) -> Callable:
-  return step_lib.jit_train_step(lambda p, b: losses.nll_loss(cfg, run, None, p, b, chunk=chunk), tx)
+  return step_lib.jit_train_step(ours_loss(cfg, run, chunk), tx)
 
 
 def fresh_state(params: dict, tx) -> dict:
@@ -139,12 +151,47 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
   return time.perf_counter() - t, out
 
 
+def _cpu_ticks() -> tuple[int, int, int]:
+  """(busy ticks of all cores, all ticks of all cores, ticks this process used), from /proc (0s elsewhere)."""
+  try:
+    with open("/proc/stat") as f:
+      v = [int(x) for x in f.readline().split()[1:9]]
+    with open("/proc/self/stat") as f:
+      mine = f.read().rsplit(")", 1)[1].split()
+  except OSError:
+    return 0, 0, 0
+  busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+  return busy, busy + v[3] + v[4], int(mine[11]) + int(mine[12])
+
+
+class ForeignLoad:
+  """Cores other processes kept busy while this one ran: what makes a measurement on a shared machine unfair."""
+
+  def __init__(self):
+    self.start = _cpu_ticks()
+
+  def cores(self) -> float:
+    busy, total, mine = (b - a for a, b in zip(self.start, _cpu_ticks()))
+    return max(0.0, (busy - mine) / total * (os.cpu_count() or 1)) if total > 0 else 0.0
+
+
+def wait_idle(max_s: float, threshold: float = 0.25, window: float = 3.0) -> float:
+  """Wait (up to max_s) until other processes keep fewer than `threshold` cores busy over `window` seconds;
+  returns the seconds waited."""
+  t0 = time.perf_counter()
+  while True:
+    probe = ForeignLoad()
+    time.sleep(window)
+    if probe.cores() < threshold or time.perf_counter() - t0 >= max_s:
+      return time.perf_counter() - t0
+
+
 class Ours:
   """Every variant's jitted step over one shared train state."""
 
   def __init__(self, cfg: ModelConfig, params: dict, variants: list[Variant]):
     self.cfg, self.params, self.tx = cfg, params, make_tx(params)
-    self.fns = {v.name: ours_step_fn(cfg, v.run, v.chunk, self.tx) for v in variants}
+    self.fns = {v.name: ours_step_fn(cfg, v.run(), v.chunk, self.tx) for v in variants}
     self.state = None
 
   def first_steps(self, name: str, batch: dict) -> tuple[float, list[dict]]:
@@ -197,8 +244,7 @@ def breakdown(cfg: ModelConfig, params: dict, variant: Variant, batch: dict, th:
               reps: int) -> dict[str, dict[str, float]]:
   """Median seconds of forward (loss only), forward + backward, and the optimizer update alone, each side."""
   import torch
-  run = variant.run
-  loss = lambda p, b: losses.nll_loss(cfg, run, None, p, b, chunk=variant.chunk)[0]
+  loss = lambda p, b: ours_loss(cfg, variant.run(), variant.chunk)(p, b)[0]
   fwd = jax.jit(loss)
   fwd_bwd = jax.jit(jax.value_and_grad(loss))
   tx = make_tx(params)
@@ -282,15 +328,19 @@ def cpu_benchmark(args) -> list[dict]:
             f"{abs(m1['grad_norm'] - torch_first[1]) / torch_first[1]:.1e}, step-2 loss drop {drop_ours:.3e} vs "
             f"{drop_torch:.3e}", flush=True)
     times: dict[str, list[float]] = {"torch": [], **{v.name: [] for v in variants}}
+    foreign: dict[str, list[float]] = {k: [] for k in times}
     for r in range(args.reps):
+      waited = wait_idle(args.wait_idle) if args.wait_idle > 0 else 0.0
       order = ["torch"] + [v.name for v in variants]
       order = order[r % len(order):] + order[:r % len(order)]
       if r % 2:
         order.reverse()
       for side in order:
+        probe = ForeignLoad()
         times[side].append(timed(lambda: th.step(input_ids))[0] if side == "torch" else ours.step(side, batch))
-      print(f"round {r + 1}: " + ", ".join(f"{s} {times[s][-1]:.2f}s" for s in order) +
-            f"; load average {load_average()}", flush=True)
+        foreign[side].append(probe.cores())
+      print(f"round {r + 1} (waited {waited:.0f}s for idle): " +
+            ", ".join(f"{s} {times[s][-1]:.2f}s [others {foreign[s][-1]:.2f} cores]" for s in order), flush=True)
     torch_s = statistics.median(times["torch"])
     for v in variants:
       s = statistics.median(times[v.name])
@@ -303,8 +353,9 @@ def cpu_benchmark(args) -> list[dict]:
           ours_first_loss=checks[v.name]["loss"], torch_first_loss=torch_first[0],
           loss_rel_diff=float(f"{checks[v.name]['rel']:.2e}"), ours_first_grad_norm=checks[v.name]["grad_norm"],
           torch_first_grad_norm=torch_first[1], ours_step_times=[round(t, 3) for t in times[v.name]],
-          torch_step_times=[round(t, 3) for t in times["torch"]], jax=jax.__version__, torch=torch.__version__,
-          transformers=transformers.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
+          torch_step_times=[round(t, 3) for t in times["torch"]],
+          others_cores=round(statistics.mean(foreign[v.name] + foreign["torch"]), 2), jax=jax.__version__,
+          torch=torch.__version__, transformers=transformers.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
           code_version=code_version(), date=datetime.now(timezone.utc).strftime("%Y-%m-%d")))
   if args.breakdown:
     B, T = shapes[0]
@@ -409,6 +460,8 @@ def main():
   ap.add_argument("--variants", nargs="+", default=[DEFAULT_VARIANT, "scan/none/2048", "unroll/none/512"],
                   help="ours: <scan|unroll>/<remat>/<loss chunk>; the first is the one --breakdown times")
   ap.add_argument("--reps", type=int, default=3, help="measured rounds per shape (after 2 warm-up steps)")
+  ap.add_argument("--wait-idle", type=float, default=60.0,
+                  help="before each round wait up to this many seconds for other processes to go quiet (0: don't)")
   ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="torch attention implementation")
   ap.add_argument("--breakdown", action="store_true", help="time forward / backward / optimizer separately")
   ap.add_argument("--hf-dir", default=None, help="HF checkpoint (default: the cached SmolLM2-135M-Instruct)")
