@@ -17,20 +17,28 @@ are printed and must agree (same weights, same batch); so must the loss drop of 
 Timing: a step is one call, from the inputs on device to its results ready (ours: the updated state and the
 metrics; torch: loss.item() after optimizer.step()). Per shape: each side's first step (compilation for ours)
 and one more warm-up step are excluded; then `reps` rounds, each one step of torch and of every variant of
-ours, in alternating order; medians are reported. All variants of ours train one state (same pytree). torch
-uses os.cpu_count() threads; XLA:CPU uses all cores by default. The machine should be otherwise idle: the load
-average is printed before and after (oversubscribed cores slow torch's thread pool far more than XLA's).
+ours, in rotating and alternating order; medians are reported. All variants of ours train one state (same
+pytree). The first shape runs every --variants entry; later shapes only the default and the fastest of the first
+shape. torch uses os.cpu_count() threads; XLA:CPU uses all cores by default.
 
-Variants of ours: `<scan|unroll>/<remat policy>/<loss chunk>` (chunk 0: `losses.full_logits_nll`, the whole
-[B, T, V] logits at once instead of the chunked, rematerialised `nll_loss`); the default (`scan/none/512`) is what the SFT
-stage runs by default (model.scan_layers True, model.remat none, loss_chunk 512).
+A shared machine: other processes' CPU use wrecks the comparison (with one of two cores busy elsewhere a torch step
+took 5x as long, ours 1.8x). Before every measured step the benchmark waits (up to --wait-idle seconds) for other
+processes to keep < 0.25 cores busy over 3 s, and records the cores they used during the step (`others` in the
+log, `others_cores_max` in the JSON; a row with > 0.25 is not a clean measurement).
+
+Variants of ours: `<scan|unroll>/<remat policy>/<loss chunk>[/ab<attention block>]` (chunk 0:
+`losses.full_logits_nll`, the whole [B, T, V] logits at once instead of the chunked, rematerialised `nll_loss`;
+ab<n>: `Execution.attention_block` n). The default (`scan/none/512`) is what the SFT stage runs by default
+(model.scan_layers True, model.remat none, loss_chunk 512, no attention blocks).
 
 MFU: tokens/s x `metrics.train_flops_per_token` / `metrics.peak_flops` -- on a CPU that peak is NOMINAL (AVX-512,
-2 FMA units, at the reported clock: 64 FLOP/cycle/core), far above what these cores sustain on fp32 GEMMs.
+2 FMA units, at the reported clock: 64 FLOP/cycle/core); an AMD Zen 4 core does 32 fp32 FLOP/cycle (two 256-bit
+FMA pipes), so there the sustainable peak is half of it.
 
-GPU (whenever jax's first device is a GPU, the CPU comparison is then skipped; --gpu-only insists): Llama-3.2-1B (random weights from
-`init_model`), fp32 master weights and optimizer state, bf16 compute, seq 2048; each --gpu-configs entry
-`remat:batch` is tried, halving the batch on out-of-memory; MFU against the chip's bf16 peak.
+GPU (whenever jax's first device is a GPU; the CPU comparison is then skipped; --gpu-only insists):
+Llama-3.2-1B (random weights from `init_model`), fp32 master weights and optimizer state, bf16 compute, seq 2048;
+each --gpu-configs entry `remat:batch[:attention block]` is tried, halving the batch on out-of-memory; MFU
+against the chip's bf16 peak.
 
 Results: a table, and rows merged into benchmarks/results/train_step.json (rows of other devices are kept, rows
 of this device replaced; `cpu` names the host CPU of every row).
@@ -292,6 +300,7 @@ def cpu_benchmark(args) -> list[dict]:
   hf_dir = Path(args.hf_dir) if args.hf_dir else assets.smollm2_hf_dir()
   shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
   variants = [Variant.parse(v) for v in args.variants]
+  first_variant = variants[0]
   dev = jax.devices()[0]
   peak = metrics.peak_flops(dev.device_kind, dev.platform)
   model = load_hf_model(hf_dir, param_dtype="float32")
@@ -330,18 +339,22 @@ def cpu_benchmark(args) -> list[dict]:
     times: dict[str, list[float]] = {"torch": [], **{v.name: [] for v in variants}}
     foreign: dict[str, list[float]] = {k: [] for k in times}
     for r in range(args.reps):
-      waited = wait_idle(args.wait_idle) if args.wait_idle > 0 else 0.0
       order = ["torch"] + [v.name for v in variants]
       order = order[r % len(order):] + order[:r % len(order)]
       if r % 2:
         order.reverse()
+      waited = []
       for side in order:
+        waited.append(wait_idle(args.wait_idle) if args.wait_idle > 0 else 0.0)
         probe = ForeignLoad()
         times[side].append(timed(lambda: th.step(input_ids))[0] if side == "torch" else ours.step(side, batch))
         foreign[side].append(probe.cores())
-      print(f"round {r + 1} (waited {waited:.0f}s for idle): " +
-            ", ".join(f"{s} {times[s][-1]:.2f}s [others {foreign[s][-1]:.2f} cores]" for s in order), flush=True)
+      print(f"round {r + 1} (waited {sum(waited):.0f}s for idle): " +
+            ", ".join(f"{s} {times[s][-1]:.2f}s [others {foreign[s][-1]:.2f}]" for s in order), flush=True)
     torch_s = statistics.median(times["torch"])
+    if (B, T) == shapes[0] and len(shapes) > 1:  # later shapes: the default and the fastest variant only
+      best = min(variants, key=lambda v: statistics.median(times[v.name]))
+      later = [v for v in variants if v.name == DEFAULT_VARIANT or v == best] or [best]
     for v in variants:
       s = statistics.median(times[v.name])
       rows.append(dict(
@@ -354,17 +367,20 @@ def cpu_benchmark(args) -> list[dict]:
           loss_rel_diff=float(f"{checks[v.name]['rel']:.2e}"), ours_first_grad_norm=checks[v.name]["grad_norm"],
           torch_first_grad_norm=torch_first[1], ours_step_times=[round(t, 3) for t in times[v.name]],
           torch_step_times=[round(t, 3) for t in times["torch"]],
-          others_cores=round(statistics.mean(foreign[v.name] + foreign["torch"]), 2), jax=jax.__version__,
+          others_cores_max=round(max(foreign[v.name] + foreign["torch"]), 2), jax=jax.__version__,
           torch=torch.__version__, transformers=transformers.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
           code_version=code_version(), date=datetime.now(timezone.utc).strftime("%Y-%m-%d")))
+    if (B, T) == shapes[0] and len(shapes) > 1:
+      variants = later
+      print(f"later shapes: {[v.name for v in variants]}", flush=True)
   if args.breakdown:
     B, T = shapes[0]
     ids = text_tokens(tokenizer, B * T).reshape(B, T)
     batch = {k: jnp.asarray(v) for k, v in unpacked_batch(ids).items()}
     ours.state = None
     gc.collect()
-    parts = breakdown(cfg, params, variants[0], batch, th, torch.from_numpy(ids.astype(np.int64)), args.reps)
-    print(f"\nbreakdown at batch {B} x seq {T}, ours {variants[0].name} (median seconds; backward = "
+    parts = breakdown(cfg, params, first_variant, batch, th, torch.from_numpy(ids.astype(np.int64)), args.reps)
+    print(f"\nbreakdown at batch {B} x seq {T}, ours {first_variant.name} (median seconds; backward = "
           f"forward+backward - forward):")
     for side, p in parts.items():
       print(f"  {side:>5}: " + ", ".join(f"{k} {v:.2f}s" for k, v in p.items()))
@@ -390,9 +406,10 @@ def gpu_benchmark(args, smoke: bool) -> list[dict]:
         f"{peak / 1e12:.0f} TFLOP/s ({dev.device_kind})", flush=True)
   rows = []
   for entry in (["full:2", "none:2"] if smoke else args.gpu_configs):
-    remat, B = entry.split(":")
+    remat, B, *block = entry.split(":")
     B = int(B)
-    run = Execution(dtype="bfloat16", remat=remat, scan_layers=True)
+    variant = Variant(True, remat, args.gpu_chunk, int(block[0]) if block else 0)
+    run = variant.run("bfloat16")
     while B >= 1:
       fn = ours_step_fn(cfg, run, args.gpu_chunk, tx)
       batch = {k: jnp.asarray(v) for k, v in
@@ -414,7 +431,7 @@ def gpu_benchmark(args, smoke: bool) -> list[dict]:
       except Exception as e:  # out of device memory: halve the batch
         if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
           raise
-        print(f"remat {remat} batch {B}: out of memory; halving the batch", flush=True)
+        print(f"{variant.name} batch {B}: out of memory; halving the batch", flush=True)
         del state, fn
         gc.collect()
         B //= 2
@@ -423,11 +440,11 @@ def gpu_benchmark(args, smoke: bool) -> list[dict]:
     s = statistics.median(times)
     mfu = metrics.mfu(B * T / s, flops, 1, peak)
     mem = (dev.memory_stats() or {}).get("peak_bytes_in_use") if hasattr(dev, "memory_stats") else None
-    print(f"remat {remat} batch {B}: compile + first step {t_first:.1f}s; loss {float(m['loss']):.4f}; step "
+    print(f"{variant.name} batch {B}: compile + first step {t_first:.1f}s; loss {float(m['loss']):.4f}; step "
           f"{s * 1e3:.1f} ms, {B * T / s:.0f} tok/s, MFU {mfu:.3f}" +
           (f"; peak memory {mem / 2**30:.1f} GiB" if mem else ""), flush=True)
     rows.append(dict(device=device_name(), cpu=host_cpu(), model=f"{name} (random weights)", batch=B, seq=T,
-                     dtype="bfloat16 compute, float32 master", variant=f"scan/{remat}/{args.gpu_chunk}",
+                     dtype="bfloat16 compute, float32 master", variant=variant.name,
                      default=False, torch_attn=None, ours_step_s=round(s, 4), torch_step_s=None,
                      ours_tok_s=round(B * T / s, 1), torch_tok_s=None, ratio=None, mfu=round(mfu, 4),
                      torch_mfu=None, peak_flops=peak, peak_nominal=False, ours_first_loss=None,
