@@ -215,7 +215,11 @@ def main():
           f"{fmt(r['roofline_fraction'], '8.2f')}")
   if args.no_hf:
     return
-  out = Path(args.out)
+  write_rows(Path(args.out), rows, device)
+
+
+def write_rows(out: Path, rows: list[dict], device: str) -> None:
+  """Merge `rows` into the results JSON at `out`: rows of other devices are kept, this device's replaced."""
   kept = [r for r in (json.loads(out.read_text()) if out.exists() else []) if r.get("device") != device]
   out.parent.mkdir(parents=True, exist_ok=True)
   write_text_atomic(out, json.dumps(kept + rows, indent=1) + "\n")

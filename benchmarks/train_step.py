@@ -49,7 +49,6 @@ import argparse
 import dataclasses
 import gc
 import inspect
-import json
 import os
 import platform
 import statistics
@@ -63,11 +62,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from astro_jax.files import write_text_atomic
 from astro_jax.model.config import Execution, ModelConfig
 from astro_jax.train import losses, metrics, optim
 from astro_jax.train import step as step_lib
-from sampler import code_version, device_name  # benchmarks/sampler.py (this script's directory)
+from sampler import code_version, device_name, write_rows  # benchmarks/sampler.py (this script's directory)
 
 LR, B1, B2, EPS, WEIGHT_DECAY, CLIP = 1e-5, 0.9, 0.95, 1e-8, 0.0, 1.0
 DEFAULT_VARIANT = "scan/none/512"
@@ -505,12 +503,7 @@ def main():
   rows = gpu_benchmark(args, smoke=False) if on_gpu else cpu_benchmark(args)
   print(f"load average at the end: {load_average()}")
   print_table(rows)
-  out = Path(args.out)
-  device = rows[0]["device"]
-  kept = [r for r in (json.loads(out.read_text()) if out.exists() else []) if r.get("device") != device]
-  out.parent.mkdir(parents=True, exist_ok=True)
-  write_text_atomic(out, json.dumps(kept + rows, indent=1) + "\n")
-  print(f"wrote {out}")
+  write_rows(Path(args.out), rows, rows[0]["device"])
 
 
 if __name__ == "__main__":

@@ -50,7 +50,11 @@ def make_tiny_llama31_hf(out_dir, dtype: torch.dtype = torch.float32, seed: int 
 def stage_config(name: str, **values):
   """A stage's defaults with `values` set (dotted keys for groups: `sampling.n`)."""
   from astro_jax import stages
-  config = stages.defaults(name)
+  return set_values(stages.defaults(name), values)
+
+
+def set_values(config, values: dict):
+  """`config` with `values` set (dotted keys for groups: `sampling.n`)."""
   for key, value in values.items():
     node = config
     *parents, leaf = key.split(".")

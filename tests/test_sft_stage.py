@@ -29,23 +29,13 @@ import pytest
 from astro_jax import main, stages
 from astro_jax.errors import UserError
 from astro_jax.train import metrics as metrics_lib
-from tests.conftest import REPO
+from tests.conftest import REPO, set_values
 
 DATA = Path(REPO) / "docs" / "smollm2_run" / "sft.jsonl"  # 12 real examples: 10 train, 2 held out (eval_fraction)
 TMP = ".orbax-checkpoint-tmp"  # Orbax 0.12.8 writes step N to N.orbax-checkpoint-tmp, renamed to N when complete
 RUN = {"steps": 8, "save_every": 2, "keep": 2, "eval_every": 4, "eval_fraction": 0.2, "export_hf": False,
        "optimizer.lr": 3e-3, "optimizer.schedule": "cosine", "optimizer.warmup_fraction": 0.25}
 ROW_FIELDS = {"step", "loss", "grad_norm", "lr", "tokens_per_s", "mfu", "tokens", "time_s"}
-
-
-def set_values(config, values: dict):
-  for key, value in values.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
 
 
 def config(checkpoint: Path, out: Path, **values):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 from pathlib import Path
 
 import ml_collections
@@ -221,8 +220,6 @@ def prepare_run_dir(config: ml_collections.ConfigDict, settings: dict) -> tuple[
 
 
 def run(config: ml_collections.ConfigDict) -> None:
-  import jax
-  import numpy as np
   from tqdm import tqdm
 
   from astro_jax import checkpoint
@@ -274,4 +271,3 @@ def run(config: ml_collections.ConfigDict) -> None:
   last = rows_out[-1] if rows_out else {}
   if common.is_writer():
     print(f"sft: {total} steps; final loss {last.get('loss', float('nan')):.4f}; run directory {out}")
-  del np, jax
