@@ -22,6 +22,7 @@ class Sample(NamedTuple):
   answer: str | None  # extracted final answer (None: none found)
   n_tokens: int
   n_reflections: int
+  n_backtracks: int = 0  # explicit backtracks (prompts.count_backtracks)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -85,7 +86,8 @@ def summarize(per_problem: Sequence[Sequence[Sample]], *, pass_ks: Sequence[int]
   """Summary dict (JSON-serialisable) of per-problem samples.
 
   pass_ks default to the powers of two up to the smallest per-problem sample count n; maj_ks default to (n,).
-  Metrics: pass@k..., maj@k..., no_answer_rate, mean_response_tokens, mean_reflections.
+  Metrics: pass@k..., maj@k..., no_answer_rate, mean_response_tokens, mean_reflections,
+  mean_backtracks.
   """
   if not per_problem or min(len(s) for s in per_problem) == 0:
     raise ValueError("need at least one problem and one sample per problem")
@@ -103,6 +105,7 @@ def summarize(per_problem: Sequence[Sequence[Sample]], *, pass_ks: Sequence[int]
   per_metric["no_answer_rate"] = [statistics.fmean(x.answer is None for x in s) for s in per_problem]
   per_metric["mean_response_tokens"] = [statistics.fmean(x.n_tokens for x in s) for s in per_problem]
   per_metric["mean_reflections"] = [statistics.fmean(x.n_reflections for x in s) for s in per_problem]
+  per_metric["mean_backtracks"] = [statistics.fmean(x.n_backtracks for x in s) for s in per_problem]
 
   return {
       "n_problems": len(per_problem),

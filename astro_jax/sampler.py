@@ -352,14 +352,16 @@ def _round_up(n: int, multiple: int) -> int:
 class Sampler:
   """Generates completions for batches of prompts with a model (optionally on a mesh, sample rule set)."""
 
-  def __init__(self, model: Llama, tokenizer, *, sharder: Sharder | None = None, max_batch: int = 64,
+  def __init__(self, model: Llama | ModelConfig, tokenizer, *, sharder: Sharder | None = None, max_batch: int = 64,
                dtype: str = "float32", cache_dtype: str | None = None, unroll_layers: bool = True):
-    """model: our Llama (its weights are copied, resharded; see `update_weights`); tokenizer: an astro_jax
+    """model: our Llama (its weights are copied, resharded; see `update_weights`), or just its ModelConfig (then
+    `update_weights` must give the weights before the first sample, e.g. a trainer's params); tokenizer: an astro_jax
     Tokenizer; sharder: a Sharder with the "sample" rules (None: one device); max_batch: most rows (prompts x
     n) per program; dtype: the sampler's compute dtype (its weight copy is stored in it; the model's own
     execution settings are not used); cache_dtype: KV cache dtype (default: dtype); unroll_layers: per-layer
     weight and cache buffers, layers unrolled (fast decode, slower compiles), else `lax.scan` over stacked layers."""
-    self.cfg, self.tokenizer, self.sharder, self.unroll_layers = model.cfg, tokenizer, sharder, unroll_layers
+    self.cfg = model if isinstance(model, ModelConfig) else model.cfg
+    self.tokenizer, self.sharder, self.unroll_layers = tokenizer, sharder, unroll_layers
     self.run = Execution(dtype=dtype, remat="none", scan_layers=not unroll_layers)
     self.batch_shards = 1 if sharder is None else math.prod(
         sharder.mesh.shape[a] for a in dict(sharder.rules)["batch"])
@@ -377,7 +379,8 @@ class Sampler:
     self._token_texts: list[str] | None = None
     self._stop_tables: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
     self.stats = SamplerStats()
-    self.update_weights(model)
+    if not isinstance(model, ModelConfig):
+      self.update_weights(model)
 
   def _sampling_weights(self, params: dict) -> dict:
     """Weights as the sampler keeps them: in its dtype, resharded with the sample rules, per layer if unrolled."""
@@ -452,6 +455,8 @@ class Sampler:
         raise ValueError(f"request {r} (key {req.key!r}): prompt ({len(req.prompt)} tokens) + max_new_tokens "
                          f"({req.params.max_new_tokens}) = {longest} > max_position_embeddings "
                          f"{self.cfg.max_position_embeddings}")
+    if self.params is None:
+      raise ValueError("the sampler has no weights: call update_weights first")
     began = time.perf_counter()
     results: list[list[Completion | None]] = [[None] * req.params.n for req in requests]
     groups: dict[tuple, list[tuple[int, int]]] = {}

@@ -84,7 +84,7 @@ def test_summarize_and_markdown():
   metrics = summary["metrics"]
   assert summary["n_problems"] == 30 and summary["samples_per_problem"] == 8
   assert list(metrics) == ["pass@1", "pass@2", "pass@4", "pass@8", "maj@8", "no_answer_rate",
-                           "mean_response_tokens", "mean_reflections"]
+                           "mean_response_tokens", "mean_reflections", "mean_backtracks"]
   for m in metrics.values():
     assert m["ci_low"] <= m["mean"] <= m["ci_high"]
   flat = [x for s in per_problem for x in s]

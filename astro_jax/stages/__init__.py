@@ -13,6 +13,8 @@ STAGES: dict[str, str] = {
     "eval": "astro_jax.stages.eval",
     "mcts": "astro_jax.stages.mcts",
     "sft": "astro_jax.stages.sft",
+    "difficulty": "astro_jax.stages.difficulty",
+    "rl": "astro_jax.stages.rl",
 }
 
 

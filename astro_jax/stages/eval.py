@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import ml_collections
 from tqdm import tqdm
@@ -123,6 +124,7 @@ def run(config: ml_collections.ConfigDict) -> None:
   if writer:
     out_dir.mkdir(parents=True, exist_ok=True)
 
+  golds = {name: {p.id: p.answer for p in ps} for name, ps in problems.items()}
   summaries = {}
   with verifier.VerifierPool(config.verifier.workers, config.verifier.timeout_s) as pool:
     for name, todo_all in problems.items():
@@ -130,35 +132,17 @@ def run(config: ml_collections.ConfigDict) -> None:
       todo = [p for p in todo_all if p.id not in done[name]]
       bar = tqdm(total=len(todo_all), initial=len(todo_all) - len(todo), desc=f"eval {name}", unit="problem",
                  disable=not writer)
-      for start in range(0, len(todo), per_call):
-        chunk = todo[start:start + per_call]
-        results = sampler.generate([prompt_ids[name, p.id] for p in chunk], params, keys=[p.id for p in chunk])
-        if not writer:
-          continue
-        record.record(stale)
-        texts = [c.text for completions in results for c in completions]
-        golds = [p.answer for p, completions in zip(chunk, results) for _ in completions]
-        verdicts = iter(pool.verify(texts, golds))
-        for p, completions in zip(chunk, results):
-          samples = []
-          for c in completions:
-            v = next(verdicts)
-            samples.append({"text": c.text, "answer": v.answer, "correct": v.correct, "timed_out": v.timed_out,
-                            "n_tokens": len(c.token_ids), "finish_reason": c.finish_reason,
-                            "reflections": prompts.count_reflections(c.text),
-                            "backtracks": prompts.count_backtracks(c.text)})
-          data.append_jsonl(rows_path, {"id": p.id, "benchmark": name, "gold": p.answer, "samples": samples})
-          bar.update(1)
+      for p, samples in score(sampler, pool, [(p.id, prompt_ids[name, p.id], p.answer) for p in todo], params,
+                              per_call, writer, on_first=lambda: record.record(stale)):
+        data.append_jsonl(rows_path, {"id": p, "benchmark": name, "gold": golds[name][p], "samples": samples})
+        bar.update(1)
       bar.close()
       if not writer:
         continue
       record.record(stale)  # nothing was left to sample: the old rows are this run's
       wanted = {p.id for p in todo_all}
       rows = [r for r in data.read_jsonl_rows(rows_path, missing_ok=True) if r["id"] in wanted]
-      per_problem = [[eval_metrics.Sample(s["correct"], s["answer"], s["n_tokens"], s["reflections"])
-                      for s in r["samples"]] for r in rows]
-      summaries[name] = eval_metrics.summarize(per_problem)
-      summaries[name]["verifier_timeouts"] = sum(s["timed_out"] for r in rows for s in r["samples"])
+      summaries[name] = summarize([r["samples"] for r in rows])
 
   if not writer:
     return
@@ -167,3 +151,40 @@ def run(config: ml_collections.ConfigDict) -> None:
   files.write_text_atomic(out_dir / "summary.md", markdown)
   print(markdown)
   logging.info("wrote %s", out_dir)
+
+
+def score(sampler, pool, items: list[tuple[Any, list[int], str]], params, per_call: int, writer: bool = True,
+          on_first: Callable[[], None] | None = None) -> Iterator[tuple[Any, list[dict] | None]]:
+  """Sample and verify: items are (key, prompt ids, gold); `per_call` items a sampler call (params.n samples
+  each, seeded by the key). Yields (key, samples) per item, each sample {text, answer, correct, timed_out,
+  n_tokens, finish_reason, reflections, backtracks}. Multi-host: every process samples (call on all of them);
+  only the writer verifies and yields (`on_first` runs once before its first result)."""
+  from astro_jax import prompts
+  for start in range(0, len(items), per_call):
+    chunk = items[start:start + per_call]
+    results = sampler.generate([ids for _, ids, _ in chunk], params, keys=[key for key, _, _ in chunk])
+    if not writer:
+      continue
+    if on_first is not None and start == 0:
+      on_first()
+    verdicts = iter(pool.verify([c.text for completions in results for c in completions],
+                                [gold for (_, _, gold), completions in zip(chunk, results) for _ in completions]))
+    for (key, _, _), completions in zip(chunk, results):
+      samples = []
+      for c in completions:
+        v = next(verdicts)
+        samples.append({"text": c.text, "answer": v.answer, "correct": v.correct, "timed_out": v.timed_out,
+                        "n_tokens": len(c.token_ids), "finish_reason": c.finish_reason,
+                        "reflections": prompts.count_reflections(c.text),
+                        "backtracks": prompts.count_backtracks(c.text)})
+      yield key, samples
+
+
+def summarize(sample_lists: list[list[dict]]) -> dict:
+  """The eval summary (eval_metrics.summarize) of each problem's samples, as `score` gives them."""
+  from astro_jax import eval_metrics
+  per_problem = [[eval_metrics.Sample(s["correct"], s["answer"], s["n_tokens"], s["reflections"],
+                                      s.get("backtracks", 0)) for s in samples] for samples in sample_lists]
+  out = eval_metrics.summarize(per_problem)
+  out["verifier_timeouts"] = sum(s["timed_out"] for samples in sample_lists for s in samples)
+  return out

@@ -87,14 +87,19 @@ class Trainer:
   save_every: int = 100
   keep: int = 3
   async_save: bool = True
+  batch_axes: dict = dataclasses.field(default_factory=lambda: dict(step_lib.SFT_BATCH_AXES))
   state: Any = None
 
   @classmethod
   def create(cls, config: ml_collections.ConfigDict, cfg: ModelConfig, sharder: Sharder, total_steps: int,
-             loss_fn: Callable | None = None) -> "Trainer":
+             loss_fn: Callable | None = None, *, batch_size: int | None = None, seq_len: int | None = None,
+             batch_axes: dict[str, tuple[str, ...]] = step_lib.SFT_BATCH_AXES) -> "Trainer":
     """The optimizer, shardings and jitted step for this config (loss_fn: (cfg, run, sharder, params, batch) ->
-    sums; default the token-mean next-token loss)."""
-    step_lib.check_batch(config.batch_size, config.grad_accum, sharder)
+    sums; default the token-mean next-token loss). batch_size / seq_len: the rows of one optimizer step and their
+    length (default config.batch_size / config.seq_len); batch_axes: the logical axes of each batch input."""
+    batch_size = batch_size or config.batch_size
+    seq_len = seq_len or config.seq_len
+    step_lib.check_batch(batch_size, config.grad_accum, sharder)
     m, o = config.model, config.optimizer
     cfg = cfg.replace(param_dtype=m.param_dtype)
     run = Execution(dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers, attention_block=m.attention_block)
@@ -108,14 +113,15 @@ class Trainer:
     chunk = config.loss_chunk
     loss = loss_fn or (lambda c, r, s, p, b: losses.nll_loss(c, r, s, p, b, chunk=chunk))
     bound = lambda p, b: loss(cfg, run, sharder, p, b)
-    step_fn = step_lib.jit_train_step(bound, tx, accum=config.grad_accum, sharder=sharder, shardings=shardings)
-    batch_in = {k: step_lib.batch_sharding(sharder) for k in step_lib.BATCH_KEYS}
+    step_fn = step_lib.jit_train_step(bound, tx, accum=config.grad_accum, sharder=sharder, shardings=shardings,
+                                      batch_axes=batch_axes)
+    batch_in = step_lib.batch_shardings(sharder, batch_axes)
     eval_fn = jax.jit(lambda p, b: step_lib.eval_step(bound, p, b), in_shardings=(shardings["params"], batch_in))
     device = jax.devices()[0]
     peak = config.peak_flops or metrics.peak_flops(device.device_kind, device.platform)
-    return cls(cfg, run, sharder, tx, schedule, total_steps, config.batch_size, config.seq_len, shardings, step_fn,
-               eval_fn, peak, seed=config.seed, save_every=config.save_every, keep=config.keep,
-               async_save=config.async_checkpoint)
+    return cls(cfg, run, sharder, tx, schedule, total_steps, batch_size, seq_len, shardings, step_fn, eval_fn, peak,
+               seed=config.seed, save_every=config.save_every, keep=config.keep, async_save=config.async_checkpoint,
+               batch_axes=dict(batch_axes))
 
   @property
   def batch_sharding(self) -> NamedSharding:
@@ -146,7 +152,8 @@ class Trainer:
     and `loader` are restored), else 0 (the run directory is cleared when overwriting)."""
     from astro_jax.stages.common import is_writer
     if not config.resume and out.exists() and config.overwrite and is_writer():
-      for name in ("checkpoints", "metrics.jsonl", "tensorboard", "loss.png", "hf", "run_config.json"):
+      for name in ("checkpoints", "metrics.jsonl", "tensorboard", "loss.png", "rl.png", "eval", "hf",
+                   "run_config.json"):
         path = out / name
         if path.is_dir():
           shutil.rmtree(path)
@@ -171,7 +178,8 @@ class Trainer:
 
   # -- batches
   def put_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    return {k: to_global(self.batch_sharding, local[k], self.batch_size) for k in step_lib.BATCH_KEYS}
+    """This process's rows of a step's batch -> the global batch on the mesh."""
+    return {k: to_global(self.sharder.named(axes), local[k], self.batch_size) for k, axes in self.batch_axes.items()}
 
   def eval_batches(self, rows: list[dict[str, np.ndarray]]) -> list[dict[str, jax.Array]]:
     """Held-out packed rows in full batches (the last one padded with empty rows, weight 0)."""

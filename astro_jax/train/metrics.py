@@ -133,3 +133,34 @@ def plot_curves(rows: Sequence[dict], out_png: str | Path, title: str = "") -> P
   plt.close(fig)
   os.replace(tmp, out_png)
   return Path(out_png)
+
+
+def plot_panels(rows: Sequence[dict], panels: Sequence[tuple[str, str]], out_png: str | Path,
+                title: str = "") -> Path:
+  """One small plot per (metric key, label) against step, in a grid: a PNG (written, then renamed)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  cols = 3
+  n_rows = max(1, math.ceil(len(panels) / cols))
+  fig, axes = plt.subplots(n_rows, cols, figsize=(4 * cols, 2.8 * n_rows), dpi=110, squeeze=False)
+  for ax, (key, label) in zip(axes.flat, panels):
+    points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    if points:
+      ax.plot(*zip(*points), lw=1.2, marker="o" if len(points) < 30 else None, ms=2)
+    evals = [(r["step"], r[f"eval_{key}"]) for r in rows if isinstance(r.get(f"eval_{key}"), (int, float))]
+    if evals:
+      ax.plot(*zip(*evals), "s--", ms=3, label="held-out")
+      ax.legend(loc="best", fontsize=7)
+    ax.set_title(label, fontsize=9)
+    ax.set_xlabel("step", fontsize=8)
+    ax.grid(alpha=0.3)
+  for ax in list(axes.flat)[len(panels):]:
+    ax.axis("off")
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  tmp = Path(out_png).with_suffix(".tmp.png")
+  fig.savefig(tmp)
+  plt.close(fig)
+  os.replace(tmp, out_png)
+  return Path(out_png)

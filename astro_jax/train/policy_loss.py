@@ -2,7 +2,7 @@
 k3 KL, and the three aggregations, each as (sum, weight) so the trainer's division is exact under accumulation.
 
 Aggregations over a batch of responses (mask M: response tokens; L: per-token loss):
-  token-mean               Σ M·L / Σ M                          (DAPO: every token of the global batch weighs the same)
+  token-mean               Σ M·L / Σ M                        (DAPO: every token of the global batch weighs the same)
   seq-mean-token-mean      Σ_seq (Σ_t M·L / Σ_t M) / n_seq      (GRPO: every response weighs the same)
   seq-mean-token-sum-norm  Σ_seq (Σ_t M·L / max_len) / n_seq    (Dr. GRPO: no length normalisation; a constant)
 """

@@ -1,0 +1,557 @@
+r"""`rl` stage: RL with verifiable rewards (the GRPO family) on one mesh and one set of weights.
+
+  python -m astro_jax.main --config=configs/rl_8b.py [--config.checkpoint=SFT_CKPT --config.prompts=P.jsonl \
+      --config.output_dir=RUN --config.steps=N --config.resume=true ...]
+
+One step (ASTRO §3.2: reward +1 / -1 for a right / wrong final answer, G = 4 responses per prompt):
+  1. the sampler takes the trainer's current params (`Sampler.update_weights`: cast to `sampler.dtype`, resharded
+     with the sample rules, on device; the same program every step);
+  2. `batch_prompts` prompts from the seeded stream, `group_size` responses each (one request per prompt: the G
+     rows share its prefill), `sampler.max_batch` rows a program; each chunk's responses are verified in a
+     thread on the long-lived VerifierPool while the next chunk decodes;
+  3. rewards (`reward.*`: DAPO's overlong penalty, or truncated responses masked out of the loss), group-relative
+     advantages (`loss.scale_std`); with `dynamic_sampling` groups whose rewards are all equal (no signal) are
+     dropped and another round of `batch_prompts` prompts is sampled, up to `max_sampling_rounds`: the batch
+     always has batch_prompts x group_size rows (fixed shapes; rows a short step could not fill weigh 0);
+  4. `minibatches` optimizer updates on disjoint parts of the batch (each `grad_accum` micro-batches), the clipped
+     ratio against the sampler's own log-probs (`loss.*`); with `loss.beta` > 0 a frozen reference (the start
+     checkpoint) adds a k3 KL term (beta = 0: no reference is held).
+
+Randomness: a prompt's G samples are seeded by (sampling.seed, its epoch, its id); the prompt order by (seed,
+epoch); minibatch assignment and the shuffled-reward control by (seed, step). Nothing depends on the batch a prompt
+landed in, the mesh, or where a run resumed.
+
+Run directory (`output_dir`):
+  run_config.json      the settings that shape the run (a resumed run must have the same)
+  metrics.jsonl        one row per step: step, reward_mean, accuracy (over every response sampled in the step, all
+                       rounds), zero_signal_fraction (of the sampled groups), truncation_rate, response_length_mean,
+                       response_length_max (tokens), backtracks_per_response, reflections_per_response, entropy,
+                       kl, clip_fraction, logprob_gap (mean |sampler - trainer| log-prob per token, first update),
+                       loss, grad_norm (means over the updates), lr, groups, sampling_rounds,
+                       finished_row_fraction (of the decoded row-steps, those of rows that had already finished:
+                       a batch decodes until its longest row stops), tokens_per_s (sampled
+                       tokens per second of the step), time_sampling, time_scoring (the verifier's busy time, mostly
+                       overlapped with sampling), time_training, time_weight_sync, time_s, compiles (XLA programs
+                       compiled during the step: 0 after the first steps); + eval_* every eval.every steps
+  eval/step_N.json     the eval summary at step N (pass@1, maj@k, mean backtracks, ...; the eval stage's code)
+  tensorboard/, rl.png the same as TensorBoard events; the curves, at the end
+  checkpoints/<step>/  Orbax: params, optimizer state, step + the prompt stream's position
+  hf/                  the final weights as a HF checkpoint
+
+Resume (`resume=true`): from the newest checkpoint that restores; metrics rows after it are redone, and the run
+continues exactly as the uninterrupted one.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from astro_jax.errors import UserError
+from astro_jax.stages import common, sft
+
+# What shapes the run's numbers: a resumed run must have the same.
+_RUN_KEYS = ("checkpoint", "tokenizer", "prompts", "seed", "steps", "batch_prompts", "group_size", "minibatches",
+             "grad_accum", "max_prompt_tokens", "loss_chunk", "dynamic_sampling", "max_sampling_rounds", "model",
+             "optimizer", "sampling", "loss", "reward", "prompt", "eval")
+
+HELP = {
+    "seed": "prompt order, minibatch assignment and the shuffled-reward control (samples: sampling.seed)",
+    "checkpoint": "the start model (the SFT checkpoint): Orbax or HF directory, or an asset (asset:smollm2); required",
+    "prompts": "JSONL of problems (id, problem, answer), e.g. the difficulty stage's prompts.jsonl; required",
+    "output_dir": "the run directory; required",
+    "overwrite": "replace a run already in output_dir",
+    "resume": "continue the run in output_dir from its newest checkpoint",
+    "steps": "RL steps (each: sample, score, update)",
+    "batch_prompts": "prompt groups per step (all processes together)",
+    "group_size": "G: responses per prompt",
+    "minibatches": "optimizer updates per step, each on batch_prompts x group_size / minibatches rows",
+    "grad_accum": "micro-batches per update",
+    "max_prompt_tokens": "longest prompt (tokens); rows are max_prompt_tokens + sampling.max_new_tokens long",
+    "loss_chunk": "positions whose logits are computed at once in the loss",
+    "dynamic_sampling": "drop groups whose rewards are all equal and sample more prompts to refill the batch",
+    "max_sampling_rounds": "most sampling rounds per step with dynamic_sampling (rows left unfilled weigh 0)",
+    "save_every": "checkpoint every N steps (and at the end)",
+    "keep": "checkpoints kept (the newest)",
+    "async_checkpoint": "write checkpoints in the background",
+    "export_hf": "write the final weights to output_dir/hf as a HF checkpoint",
+    "peak_flops": "peak FLOP/s of one device (0: from the device kind)",
+    "accelerator": "the memory plan's device (tools/plan_memory.py): tpu_v5p, tpu_v5e, tpu_v4, h100, h200, a100",
+    "sampler.dtype": "the sampler's weights and compute: float32 or bfloat16 (cast from the trained params)",
+    "sampler.cache_dtype": "KV cache dtype (\"\": sampler.dtype)",
+    "sampler.max_batch": "rows (prompts x G) per sampler program; does not change results",
+    "sampling.temperature": "sampling temperature (> 0; the trainer scores with the same)",
+    "sampling.top_p": "nucleus mass (1: off; < 1 makes the sampler's log-probs those of a truncated distribution)",
+    "sampling.top_k": "0 = off (see top_p)",
+    "sampling.max_new_tokens": "response budget (tokens); a response that reaches it is truncated",
+    "sampling.stop": "strings that end a response",
+    "sampling.seed": "with (epoch, problem id, sample index), all the sampling randomness",
+    "loss.aggregation": "token-mean (DAPO), seq-mean-token-mean (GRPO), seq-mean-token-sum-norm (Dr. GRPO)",
+    "loss.eps_low": "clip the ratio below at 1 - eps_low",
+    "loss.eps_high": "clip the ratio above at 1 + eps_high (DAPO's clip-higher: 0.28)",
+    "loss.scale_std": "divide advantages by the group's std (GRPO; Dr. GRPO: false)",
+    "loss.beta": "k3 KL coefficient to the frozen start model (0: no reference model is held)",
+    "reward.correct": "reward of a correct final answer",
+    "reward.wrong": "reward of a wrong or missing one",
+    "reward.overlong": "truncated responses: none, mask (out of the loss), penalty (DAPO's soft overlong penalty)",
+    "reward.overlong_buffer": "penalty: the last N tokens of the budget, over which the penalty ramps up",
+    "reward.overlong_penalty": "penalty: its size at the budget",
+    "reward.shuffle": "control experiment: permute the rewards across each round's responses (learning is noise)",
+    "prompt.instruction": "appended to every problem",
+    "prompt.example_problem": "a worked example's problem as an earlier chat turn (\"\": zero-shot)",
+    "prompt.example_solution": "the example's solution (steps, a boxed final answer)",
+    "prompt.system": "system message (\"\": none)",
+    "eval.every": "evaluate every N steps and at the end (0: never)",
+    "eval.benchmarks": "comma-separated: math500, amc23, aime24, gsm8k, or JSONL paths",
+    "eval.limit": "the first N problems of each benchmark (-1: all)",
+    "eval.samples": "k responses per problem (pass@1 averaged over k, maj@k)",
+    "eval.temperature": "eval sampling temperature",
+    "eval.top_p": "eval nucleus mass",
+    "eval.max_new_tokens": "eval response budget (0: sampling.max_new_tokens)",
+    **{k: v for k, v in sft.HELP.items() if k.startswith(("model.", "optimizer."))},
+}
+HELP["model.dtype"] = "the trainer's compute dtype (matmuls and activations): float32 or bfloat16"
+
+
+def defaults() -> ml_collections.ConfigDict:
+  from astro_jax import prompts
+  c = common.base_config("rl")
+  c.checkpoint = ""
+  c.tokenizer = ""
+  c.prompts = ""
+  c.output_dir = ""
+  c.overwrite = False
+  c.resume = False
+  c.steps = 100
+  c.batch_prompts = 32
+  c.group_size = 4
+  c.minibatches = 1
+  c.grad_accum = 1
+  c.max_prompt_tokens = 512
+  c.loss_chunk = 512
+  c.dynamic_sampling = True
+  c.max_sampling_rounds = 3
+  c.save_every = 10
+  c.keep = 3
+  c.async_checkpoint = True
+  c.export_hf = True
+  c.peak_flops = 0.0
+  c.accelerator = ""
+  c.model = sft.train_model_config()
+  c.sampler = ml_collections.ConfigDict({"dtype": "float32", "cache_dtype": "", "max_batch": 64})
+  c.sampling = ml_collections.ConfigDict({"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 1024,
+                                          "stop": (), "seed": 0})
+  c.loss = ml_collections.ConfigDict({"aggregation": "token-mean", "eps_low": 0.2, "eps_high": 0.28,
+                                      "scale_std": True, "beta": 0.0})
+  c.reward = ml_collections.ConfigDict({"correct": 1.0, "wrong": -1.0, "overlong": "none", "overlong_buffer": 0,
+                                        "overlong_penalty": 1.0, "shuffle": False})
+  c.prompt = ml_collections.ConfigDict({"instruction": prompts.ASTRO_INSTRUCTION, "example_problem": "",
+                                        "example_solution": "", "system": ""})
+  c.eval = ml_collections.ConfigDict({"every": 0, "benchmarks": "", "limit": -1, "samples": 4,
+                                      "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 0})
+  c.verifier = common.verifier_config()
+  c.optimizer = sft.optimizer_config()
+  c.optimizer.lr = 1e-6
+  c.optimizer.schedule = "constant"
+  c.optimizer.warmup_fraction = 0.0
+  return c
+
+
+def rows_per_update(config: ml_collections.ConfigDict) -> int:
+  return config.batch_prompts * config.group_size // config.minibatches
+
+
+def seq_len(config: ml_collections.ConfigDict) -> int:
+  """Tokens per training row: the longest prompt plus the response budget."""
+  return config.max_prompt_tokens + config.sampling.max_new_tokens
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  from astro_jax.train import policy_loss, rollouts
+  common.check_base(config)
+  r = common.require
+  r(config.batch_prompts >= 1, "batch_prompts", config.batch_prompts, "must be >= 1")
+  r(config.group_size >= 2, "group_size", config.group_size, "must be >= 2 (advantages are relative to the group)")
+  r(config.minibatches >= 1 and (config.batch_prompts * config.group_size) % config.minibatches == 0,
+    "minibatches", config.minibatches,
+    f"must be >= 1 and divide batch_prompts x group_size = {config.batch_prompts * config.group_size}")
+  batch_view = ml_collections.ConfigDict({**config.to_dict(), "batch_size": rows_per_update(config)})
+  sft.check_train(batch_view)
+  r(config.steps >= 1, "steps", config.steps, "must be >= 1")
+  r(bool(config.checkpoint), "checkpoint", config.checkpoint, "a start checkpoint is required")
+  r(bool(config.prompts), "prompts", config.prompts, "a JSONL of problems (id, problem, answer) is required")
+  r(config.max_prompt_tokens >= 1, "max_prompt_tokens", config.max_prompt_tokens, "must be >= 1")
+  r(config.loss_chunk >= 1, "loss_chunk", config.loss_chunk, "must be >= 1")
+  r(config.max_sampling_rounds >= 1, "max_sampling_rounds", config.max_sampling_rounds, "must be >= 1")
+  r(config.sampler.dtype in common.DTYPES, "sampler.dtype", config.sampler.dtype, f"must be one of {common.DTYPES}")
+  r(config.sampler.cache_dtype in ("",) + common.DTYPES, "sampler.cache_dtype", config.sampler.cache_dtype,
+    f"must be \"\" or one of {common.DTYPES}")
+  r(config.sampler.max_batch >= config.group_size, "sampler.max_batch", config.sampler.max_batch,
+    f"must hold one prompt's group (>= group_size = {config.group_size})")
+  sampling = ml_collections.ConfigDict({**config.sampling.to_dict(), "n": config.group_size})
+  common.check_sampling(sampling)
+  r(config.sampling.temperature > 0, "sampling.temperature", config.sampling.temperature,
+    "must be > 0 (RL samples; greedy responses have no log-probs to train on)")
+  L = config.loss
+  r(L.aggregation in policy_loss.AGGREGATIONS, "loss.aggregation", L.aggregation,
+    f"must be one of {policy_loss.AGGREGATIONS}")
+  r(0 <= L.eps_low < 1, "loss.eps_low", L.eps_low, "must be in [0, 1)")
+  r(L.eps_high >= 0, "loss.eps_high", L.eps_high, "must be >= 0")
+  r(L.beta >= 0 and math.isfinite(L.beta), "loss.beta", L.beta, "must be >= 0 (0: no KL term)")
+  R = config.reward
+  for key in ("correct", "wrong", "overlong_penalty"):
+    r(math.isfinite(R[key]), f"reward.{key}", R[key], "must be a finite number")
+  r(R.correct > R.wrong, "reward.correct", R.correct, f"must be > reward.wrong ({R.wrong})")
+  r(R.overlong in rollouts.OVERLONG, "reward.overlong", R.overlong, f"must be one of {rollouts.OVERLONG}")
+  r(0 <= R.overlong_buffer <= config.sampling.max_new_tokens, "reward.overlong_buffer", R.overlong_buffer,
+    f"must be in [0, sampling.max_new_tokens = {config.sampling.max_new_tokens}]")
+  r(not (R.overlong == "penalty" and R.overlong_buffer == 0), "reward.overlong_buffer", R.overlong_buffer,
+    "must be > 0 with reward.overlong = penalty")
+  E = config.eval
+  r(E.every >= 0, "eval.every", E.every, "must be >= 0 (0: never)")
+  r(not (E.every and not E.benchmarks.strip()), "eval.benchmarks", E.benchmarks, "name a benchmark for eval.every")
+  r(E.limit >= -1, "eval.limit", E.limit, "must be >= 0, or -1 for all problems")
+  r(E.samples >= 1, "eval.samples", E.samples, "must be >= 1")
+  r(E.temperature >= 0, "eval.temperature", E.temperature, "must be >= 0")
+  r(0 < E.top_p <= 1, "eval.top_p", E.top_p, "must be in (0, 1]")
+  r(E.max_new_tokens >= 0, "eval.max_new_tokens", E.max_new_tokens, "must be >= 0 (0: sampling.max_new_tokens)")
+  common.check_verifier(config)
+
+
+def make_trainer(config: ml_collections.ConfigDict, model_cfg, sharder, loss_beta: float | None = None):
+  """The trainer of this config: one optimizer update = rows_per_update rows of seq_len tokens, the RL loss."""
+  from astro_jax.train import loop, rollouts
+  L = config.loss
+  beta = L.beta if loss_beta is None else loss_beta
+  temperature, max_len = config.sampling.temperature, config.sampling.max_new_tokens
+
+  def loss_fn(cfg, run, shard, params, batch):
+    return rollouts.rl_loss(cfg, run, shard, params, batch, chunk=config.loss_chunk, temperature=temperature,
+                            eps_low=L.eps_low, eps_high=L.eps_high, aggregation=L.aggregation, max_len=max_len,
+                            beta=beta)
+  axes = rollouts.REF_BATCH_AXES if beta else rollouts.RL_BATCH_AXES
+  return loop.Trainer.create(config, model_cfg, sharder, config.steps * config.minibatches, loss_fn,
+                             batch_size=rows_per_update(config), seq_len=seq_len(config), batch_axes=axes)
+
+
+@dataclasses.dataclass
+class Group:
+  """One prompt's G responses and their scores."""
+  problem: Any
+  epoch: int
+  completions: list
+  correct: np.ndarray   # [G] bool (the verifier's verdicts)
+  rewards: np.ndarray   # [G] float (shaped; shuffled in the control)
+
+
+class _CompileCounter:
+  """XLA programs compiled since the last `take()` (JAX's monitoring events; one listener per process)."""
+  _instance: "_CompileCounter | None" = None
+
+  def __new__(cls):
+    if cls._instance is None:
+      import jax
+      cls._instance = super().__new__(cls)
+      cls._instance.n = 0
+      jax.monitoring.register_event_duration_secs_listener(cls._instance._on_event)
+    return cls._instance
+
+  def _on_event(self, event: str, duration: float, **_):
+    if event == "/jax/core/compile/backend_compile_duration":
+      self.n += 1
+
+  def take(self) -> int:
+    n, self.n = self.n, 0
+    return n
+
+
+def run(config: ml_collections.ConfigDict) -> None:
+  import jax
+  from tqdm import tqdm
+
+  from astro_jax import checkpoint, verifier
+  from astro_jax.sampler import Request, Sampler, SamplingParams
+  from astro_jax.search.policy import PromptConfig, search_prompt_ids
+  from astro_jax.sharding import Sharder
+  from astro_jax.stages import eval as eval_stage
+  from astro_jax.train import metrics as metrics_lib
+  from astro_jax.train import loop, losses, rollouts
+
+  check(config)
+  problems = common.load_problems(config.prompts, "prompts")
+  by_id = {p.id: p for p in problems}
+  common.require(len(by_id) == len(problems), "prompts", config.prompts, "problem ids must be unique")
+  eval_problems = {}
+  if config.eval.every:
+    eval_problems = eval_stage.load_problems(ml_collections.ConfigDict(
+        {"benchmarks": config.eval.benchmarks, "limit": config.eval.limit}))
+  ckpt, model_cfg = common.inspect_checkpoint(config)
+  tokenizer = common.load_tokenizer(config, ckpt, model_cfg)
+  prompt = PromptConfig(**config.prompt.to_dict())
+  prompt_ids = {p.id: search_prompt_ids(tokenizer, prompt, p.problem) for p in problems}
+  for p in problems:
+    if len(prompt_ids[p.id]) > config.max_prompt_tokens:
+      raise UserError(f"{config.prompts}: problem {p.id!r}: its prompt is {len(prompt_ids[p.id])} tokens > "
+                      f"max_prompt_tokens {config.max_prompt_tokens}")
+  common.require(seq_len(config) <= model_cfg.max_position_embeddings, "max_prompt_tokens", config.max_prompt_tokens,
+                 f"+ sampling.max_new_tokens = {seq_len(config)} > the model's context of "
+                 f"{model_cfg.max_position_embeddings} positions")
+  eval_budget = config.eval.max_new_tokens or config.sampling.max_new_tokens
+  eval_ids = {(name, p.id): search_prompt_ids(tokenizer, prompt, p.problem)
+              for name, ps in eval_problems.items() for p in ps}
+  keys = list(eval_ids)
+  common.check_prompt_lengths([len(eval_ids[k]) for k in keys], eval_budget, model_cfg.max_position_embeddings,
+                              lambda i: f"eval benchmark {keys[i][0]}, problem {keys[i][1]!r}")
+  out, record = sft.prepare_run_dir(config, common.to_settings(config, _RUN_KEYS))
+
+  sharder = common.setup_mesh(config, "train")
+  writer = common.is_writer()
+  trainer = make_trainer(config, model_cfg, sharder)
+  stream = rollouts.PromptStream([p.id for p in problems], config.seed)
+  ckpts, start = trainer.start_or_resume(config, out, record, stream)
+  beta = config.loss.beta
+  ref_params = None
+  if start == 0 or beta:
+    start_weights = checkpoint.load_model(ckpt, sharder=sharder).weights()
+    if start == 0:
+      trainer.load_params(start_weights)
+    ref_params = _reference(trainer, start_weights) if beta else None
+    del start_weights
+  ref_fn = jax.jit(lambda p, b: losses.sequence_logprobs(trainer.cfg, trainer.run, sharder, p, b,
+                                                         chunk=config.loss_chunk,
+                                                         temperature=config.sampling.temperature)[0]) if beta else None
+  sampler = Sampler(trainer.cfg, tokenizer, sharder=Sharder.create(sharder.mesh, "sample"),
+                    max_batch=config.sampler.max_batch, dtype=config.sampler.dtype,
+                    cache_dtype=config.sampler.cache_dtype or None)
+  S = config.sampling
+  params = SamplingParams(temperature=S.temperature, top_p=S.top_p, top_k=S.top_k, max_new_tokens=S.max_new_tokens,
+                          n=config.group_size, stop=tuple(s for s in S.stop if s), seed=S.seed)
+  eval_params = SamplingParams(temperature=config.eval.temperature, top_p=config.eval.top_p,
+                               max_new_tokens=eval_budget, n=config.eval.samples, seed=S.seed)
+  T = seq_len(config)
+  n_rows = config.batch_prompts * config.group_size
+  per_chunk = max(1, config.sampler.max_batch // config.group_size)
+  compiles = _CompileCounter()
+
+  def sample_round(taken: list[tuple[int, str]], pool, executor, times: dict) -> list[Group]:
+    """Sample `taken` prompts' groups chunk by chunk; each chunk is verified in the background while the next one
+    decodes. Multi-host: every process samples every row; process 0 verifies and broadcasts the verdicts."""
+    chunks = [taken[i:i + per_chunk] for i in range(0, len(taken), per_chunk)]
+    outputs, pending = [], []
+
+    def judge(chunk, outs):
+      began = time.perf_counter()
+      verdicts = pool.verify([c.text for o in outs for c in o], [by_id[pid].answer for _, pid in chunk for _ in
+                                                                  range(config.group_size)])
+      return [v.correct for v in verdicts], time.perf_counter() - began
+
+    for chunk in chunks:
+      began = time.perf_counter()
+      outs = sampler.sample([Request(prompt_ids[pid], params, key=["rl", epoch, pid]) for epoch, pid in chunk])
+      times["time_sampling"] += time.perf_counter() - began
+      outputs.append(outs)
+      if writer:
+        pending.append(executor.submit(judge, chunk, outs))
+    correct = np.zeros((len(taken), config.group_size), bool)
+    if writer:
+      flat = []
+      for f in pending:
+        verdicts, busy = f.result()
+        flat += verdicts
+        times["time_scoring"] += busy
+      correct[:] = np.asarray(flat, bool).reshape(correct.shape)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      correct = np.asarray(multihost_utils.broadcast_one_to_all(correct), bool)
+    groups = []
+    for i, ((epoch, pid), outs) in enumerate(zip(taken, (o for outs in outputs for o in outs))):
+      lengths = np.asarray([len(c.token_ids) for c in outs])
+      groups.append(Group(by_id[pid], epoch, outs, correct[i], rollouts.rewards(
+          correct[i], lengths, max_new_tokens=S.max_new_tokens, correct_reward=config.reward.correct,
+          wrong_reward=config.reward.wrong, overlong=config.reward.overlong, buffer=config.reward.overlong_buffer,
+          penalty=config.reward.overlong_penalty)))
+    return groups
+
+  def collect(step: int, pool, executor, times: dict) -> tuple[list[Group], list[Group], int]:
+    """(the batch's groups, every group sampled this step, sampling rounds)."""
+    kept, sampled = [], []
+    for round_ in range(config.max_sampling_rounds if config.dynamic_sampling else 1):
+      groups = sample_round(stream.take(config.batch_prompts), pool, executor, times)
+      if config.reward.shuffle:  # the control: rewards permuted across the round's responses
+        flat = np.concatenate([g.rewards for g in groups])
+        flat = flat[np.random.default_rng([config.seed, step, round_]).permutation(len(flat))]
+        for i, g in enumerate(groups):
+          g.rewards = flat[i * config.group_size:(i + 1) * config.group_size]
+      sampled += groups
+      kept += [g for g in groups if rollouts.has_signal(g.rewards)] if config.dynamic_sampling else groups
+      if len(kept) >= config.batch_prompts:
+        break
+    return kept[:config.batch_prompts], sampled, round_ + 1
+
+  def train_on(rows: dict[str, np.ndarray], step: int) -> dict:
+    """`minibatches` updates on disjoint parts of the step's rows; the metrics' sums, fetched."""
+    order = np.random.default_rng([config.seed, step, 1]).permutation(n_rows)
+    span, per = trainer.local_rows, rows_per_update(config)
+    sums: dict[str, float] = {}
+    for m in range(config.minibatches):
+      part = order[m * per:(m + 1) * per]
+      local = {k: v[part][span] for k, v in rows.items()}
+      batch = trainer.put_batch({k: local[k] for k in rollouts.RL_BATCH_AXES} |
+                                ({"ref_logprobs": np.zeros_like(local["old_logprobs"])} if beta else {}))
+      if beta:
+        batch["ref_logprobs"] = ref_fn(ref_params, batch)
+      trainer.state, device_metrics = trainer.step_fn(trainer.state, batch)
+      got = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+      if not math.isfinite(got["loss"]) or not math.isfinite(got["grad_norm"]):
+        ckpts.wait()
+        good = (f"the last good checkpoint is step {ckpts.steps()[-1]} in {ckpts.directory}" if ckpts.steps()
+                else "no checkpoint was written")
+        raise loop.NonFiniteLoss(f"step {step}: loss is {got['loss']} (grad norm {got['grad_norm']}); training "
+                                 f"stopped, {good}")
+      if m == 0:
+        sums["gap_first"], sums["tokens_first"] = got["logprob_gap"], got["tokens"]
+      for k in ("loss", "grad_norm", "tokens", "clipped", "entropy", "kl"):
+        sums[k] = sums.get(k, 0.0) + got[k]
+    return sums
+
+  def evaluate(step: int, pool) -> dict:
+    row = {}
+    for name, ps in eval_problems.items():
+      items = [(p.id, eval_ids[name, p.id], p.answer) for p in ps]
+      results = list(eval_stage.score(sampler, pool, items, eval_params, per_call=per_chunk, writer=writer))
+      if writer:
+        summary = eval_stage.summarize([samples for _, samples in results])
+        (out / "eval").mkdir(exist_ok=True)
+        from astro_jax.files import write_text_atomic
+        write_text_atomic(out / "eval" / f"step_{step}_{name}.json", json.dumps(summary, indent=2) + "\n")
+        prefix = "eval" if len(eval_problems) == 1 else f"eval_{name}"
+        for metric in ("pass@1", f"maj@{config.eval.samples}", "mean_backtracks", "mean_response_tokens"):
+          if metric in summary["metrics"]:
+            row[f"{prefix}_{metric}"] = summary["metrics"][metric]["mean"]
+    return row
+
+  log = metrics_lib.MetricsLog(out, start) if writer else None
+  bar = tqdm(total=config.steps, initial=start, desc="rl", unit="step", disable=not writer, dynamic_ncols=True)
+  executor = concurrent.futures.ThreadPoolExecutor(1, "verifier")
+  compiles.take()
+  try:
+    with verifier.VerifierPool(config.verifier.workers, config.verifier.timeout_s) as pool:
+      for step in range(start + 1, config.steps + 1):
+        began = time.perf_counter()
+        times = {"time_sampling": 0.0, "time_scoring": 0.0}
+        decode_before = (sampler.stats.tokens, sampler.stats.row_steps)
+        sampler.update_weights(trainer.state["params"])
+        jax.block_until_ready(sampler.params)
+        times["time_weight_sync"] = time.perf_counter() - began
+        kept, sampled, rounds = collect(step, pool, executor, times)
+        decoded = (sampler.stats.tokens - decode_before[0], sampler.stats.row_steps - decode_before[1])
+        t_train = time.perf_counter()
+        if kept:
+          sums = train_on(batch_rows(kept, prompt_ids, n_rows, T, scale_std=config.loss.scale_std,
+                                     mask_truncated=config.reward.overlong == "mask", pad_id=tokenizer.pad_id), step)
+        else:  # no group had signal in any round: no update (Adam would still move the weights on zero gradients)
+          sums = dict.fromkeys(("loss", "grad_norm", "tokens", "clipped", "entropy", "kl", "gap_first",
+                                "tokens_first"), 0.0)
+        times["time_training"] = time.perf_counter() - t_train
+        row = {"step": step, **_sample_metrics(sampled, writer), "groups": len(kept), "sampling_rounds": rounds,
+               "finished_row_fraction": 1.0 - decoded[0] / max(decoded[1], 1),
+               "entropy": sums["entropy"] / max(sums["tokens"], 1.0), "kl": sums["kl"] / max(sums["tokens"], 1.0),
+               "clip_fraction": sums["clipped"] / max(sums["tokens"], 1.0),
+               "grad_norm": sums["grad_norm"] / config.minibatches, "loss": sums["loss"] / config.minibatches,
+               "logprob_gap": sums["gap_first"] / max(sums["tokens_first"], 1.0),
+               "lr": float(trainer.schedule(step * config.minibatches - 1)), "tokens_trained": int(sums["tokens"])}
+        if config.eval.every and (step % config.eval.every == 0 or step == config.steps):
+          sampler.update_weights(trainer.state["params"])
+          t_eval = time.perf_counter()
+          row.update(evaluate(step, pool))
+          times["time_eval"] = time.perf_counter() - t_eval
+        times["time_s"] = time.perf_counter() - began
+        sampled_tokens = sum(len(c.token_ids) for g in sampled for c in g.completions)
+        row.update(times, tokens_per_s=sampled_tokens / max(times["time_s"], 1e-9), compiles=compiles.take())
+        if step % config.save_every == 0 or step == config.steps:
+          ckpts.save(step, trainer.state, stream.get_state())
+        if log is not None:
+          log.write(row)
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.3f}")
+    ckpts.wait()
+  finally:
+    executor.shutdown()
+    bar.close()
+    ckpts.close()
+    if log is not None:
+      log.close()
+  rows_out = metrics_lib.read_rows(out / "metrics.jsonl")
+  if writer:
+    metrics_lib.plot_panels(rows_out, RL_CURVES, out / "rl.png", title=f"rl: {Path(config.prompts).name}")
+  if config.export_hf:
+    trainer.export_hf(ckpt, out / "hf", tokenizer_dir=config.tokenizer or None)
+  if writer and rows_out:
+    first, last = rows_out[0], rows_out[-1]
+    print(f"rl: {config.steps} steps; accuracy {first['accuracy']:.3f} (step {first['step']}) -> "
+          f"{last['accuracy']:.3f} (step {last['step']}); run directory {out}")
+
+
+RL_CURVES = (("reward_mean", "reward"), ("accuracy", "accuracy"), ("response_length_mean", "response tokens"),
+             ("backtracks_per_response", "backtracks / response"), ("entropy", "entropy (nats / token)"),
+             ("clip_fraction", "clipped tokens"))
+
+
+def batch_rows(groups: list[Group], prompt_ids: dict[str, list[int]], n_rows: int, seq_len: int, *,
+               scale_std: bool = True, mask_truncated: bool = False, pad_id: int = 0) -> dict[str, np.ndarray]:
+  """The step's training rows: each group's responses with their group-relative advantages; truncated responses
+  out of the loss when `mask_truncated`; rows past the groups (a batch dynamic sampling could not fill) weigh 0."""
+  from astro_jax.train import policy_loss, rollouts
+  prompts_, responses, lps, advs, truncated = [], [], [], [], []
+  for g in groups:
+    adv_G = np.asarray(policy_loss.group_advantages(np.asarray(g.rewards)[None], scale_std))[0]
+    for c, a in zip(g.completions, adv_G):
+      prompts_.append(prompt_ids[g.problem.id])
+      responses.append(c.token_ids)
+      lps.append(c.logprobs)
+      advs.append(float(a))
+      truncated.append(c.finish_reason == "length")
+  pad = n_rows - len(responses)
+  if pad < 0:
+    raise ValueError(f"{len(responses)} responses for {n_rows} rows")
+  rows = rollouts.response_rows(prompts_ + [[pad_id]] * pad, responses + [[]] * pad, lps + [[]] * pad,
+                                advs + [0.0] * pad, seq_len=seq_len)
+  if mask_truncated:
+    rows["weights"][np.asarray(truncated + [False] * pad)] = 0.0
+  return rows
+
+
+def _sample_metrics(groups: list[Group], writer: bool) -> dict:
+  """What the sampled responses of a step say (every group of every round)."""
+  from astro_jax import prompts
+  completions = [c for g in groups for c in g.completions]
+  lengths = np.asarray([len(c.token_ids) for c in completions])
+  texts = [c.text for c in completions] if writer else []
+  return {"reward_mean": float(np.mean(np.concatenate([g.rewards for g in groups]))),
+          "accuracy": float(np.mean(np.concatenate([g.correct for g in groups]))),
+          "zero_signal_fraction": float(np.mean([not _signal(g) for g in groups])),
+          "truncation_rate": float(np.mean([c.finish_reason == "length" for c in completions])),
+          "response_length_mean": float(lengths.mean()), "response_length_max": int(lengths.max()),
+          "backtracks_per_response": float(np.mean([prompts.count_backtracks(t) for t in texts])) if texts else 0.0,
+          "reflections_per_response": float(np.mean([prompts.count_reflections(t) for t in texts])) if texts else 0.0}
+
+
+def _signal(g: Group) -> bool:
+  from astro_jax.train.rollouts import has_signal
+  return has_signal(g.rewards)
+
+
+def _reference(trainer, weights: dict) -> dict:
+  """The frozen reference (the start weights) in the trainer's compute dtype and param sharding."""
+  import jax
+  dtype = trainer.run.jnp_dtype
+  cast = jax.jit(lambda p: {k: v.astype(dtype) for k, v in p.items()},
+                 out_shardings=trainer.state_shardings["params"])
+  return cast({k: weights[k] for k in trainer.state_shardings["params"]})
