@@ -285,3 +285,14 @@ def test_bad_settings_and_inputs_stop_with_one_line(toy, tmp_path):
   with pytest.raises(UserError, match="bad.jsonl"):
     rl.run(rl_config(toy, tmp_path / "bad", prompts=str(bad)))
   assert not (tmp_path / "short").exists() and not (tmp_path / "bad").exists()  # nothing written
+
+
+@pytest.mark.parametrize("path", ["configs/rl_tiny.py", "configs/rl_smollm2.py"])
+def test_shipped_small_configs_pass_the_stage_checks(path):
+  from astro_jax import main
+  from astro_jax.stages import rl
+  config = main.load_config_file(f"{REPO}/{path}")
+  config.unlock()
+  set_values(config, {"checkpoint": config.checkpoint or "ckpt", "prompts": config.prompts or "p.jsonl",
+                      "output_dir": config.output_dir or "out"})
+  rl.check(config)

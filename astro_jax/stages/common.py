@@ -170,6 +170,21 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
+def agree_with_process_0(mask: list[bool], what: str) -> None:
+  """Multi-host: every process must see the same `what` (e.g. finished problems) in output_dir as process 0, i.e.
+  output_dir is storage every host reads; a UserError names the counts otherwise."""
+  import jax
+  import numpy as np
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+  mine = np.asarray(mask, np.int32)
+  ref = np.asarray(multihost_utils.broadcast_one_to_all(mine))
+  if not np.array_equal(ref, mine):
+    raise UserError(f"process {jax.process_index()} sees {int(mine.sum())} {what} in output_dir, process 0 "
+                    f"sees {int(ref.sum())}: output_dir must be on storage every host reads")
+
+
 def check_prompt_lengths(lengths: list[int], max_new_tokens: int, max_positions: int,
                          where: Callable[[int], str]) -> None:
   """Every prompt + max_new_tokens within the model's context; the first that is not is named by `where(i)`."""

@@ -162,20 +162,6 @@ def summarize(rows: list[dict], config: ml_collections.ConfigDict) -> dict:
           "eval": eval_stage.summarize([row["samples"] for row in rows])}
 
 
-def _agree_on_todo(todo_mask: list[bool]) -> None:
-  """Multi-host: every process must have the problems left to sample that process 0 has (output_dir shared)."""
-  import jax
-  import numpy as np
-  if jax.process_count() == 1:
-    return
-  from jax.experimental import multihost_utils
-  mask = np.asarray(todo_mask, np.int32)
-  ref = np.asarray(multihost_utils.broadcast_one_to_all(mask))
-  if not np.array_equal(ref, mask):
-    raise UserError(f"process {jax.process_index()} sees {int(mask.sum())} problems left in output_dir, process 0 "
-                    f"sees {int(ref.sum())}: output_dir must be on storage every host reads")
-
-
 def run(config: ml_collections.ConfigDict) -> dict | None:
   """Estimate the pass rates (resumable), then write prompts.jsonl and summary.json; returns the summary."""
   from astro_jax import data, files, verifier
@@ -212,7 +198,7 @@ def run(config: ml_collections.ConfigDict) -> dict | None:
       if p is not None:
         done[p.id] = row
   todo = [p for p in problems if p.id not in done]
-  _agree_on_todo([p.id not in done for p in problems])
+  common.agree_with_process_0([p.id not in done for p in problems], "problems left")
   if writer:
     out_dir.mkdir(parents=True, exist_ok=True)
 

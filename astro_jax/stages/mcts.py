@@ -279,20 +279,6 @@ def settings(config: ml_collections.ConfigDict) -> dict:
 
 # --- run ----------------------------------------------------------------------------------------------------------
 
-def _agree_on_done(done_mask: list[bool]) -> None:
-  """Multi-host: every process must see the finished problems process 0 sees (output_dir shared)."""
-  import jax
-  import numpy as np
-  if jax.process_count() == 1:
-    return
-  from jax.experimental import multihost_utils
-  mask = np.asarray(done_mask, np.int32)
-  ref = np.asarray(multihost_utils.broadcast_one_to_all(mask))
-  if not np.array_equal(ref, mask):
-    raise UserError(f"process {jax.process_index()} sees {int(mask.sum())} finished trees in output_dir, process 0 "
-                    f"sees {int(ref.sum())}: output_dir must be on storage every host reads")
-
-
 def run(config: ml_collections.ConfigDict) -> dict:
   """Search, write trees as they finish, then derive sft/direct/summary; returns the summary."""
   from astro_jax import data, files, verifier
@@ -325,7 +311,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
       if p is not None:
         done[p.id] = row
     stats = {str(r["id"]): r for r in data.read_jsonl_rows(paths["tree_stats.jsonl"], missing_ok=True)}
-  _agree_on_done([p.id in done for p in problems])
+  common.agree_with_process_0([p.id in done for p in problems], "finished trees")
   todo = [p for p in problems if p.id not in done]
   resumed = len(done)
 

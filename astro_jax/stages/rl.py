@@ -499,9 +499,10 @@ def run(config: ml_collections.ConfigDict) -> None:
           f"{last['accuracy']:.3f} (step {last['step']}); run directory {out}")
 
 
-RL_CURVES = (("reward_mean", "reward"), ("accuracy", "accuracy"), ("response_length_mean", "response tokens"),
-             ("backtracks_per_response", "backtracks / response"), ("entropy", "entropy (nats / token)"),
-             ("clip_fraction", "clipped tokens"))
+RL_CURVES = (("reward_mean", "reward"), ("accuracy", "accuracy", "eval_pass@1"),
+             ("response_length_mean", "response tokens", "eval_mean_response_tokens"),
+             ("backtracks_per_response", "backtracks / response", "eval_mean_backtracks"),
+             ("entropy", "entropy (nats / token)"), ("clip_fraction", "clipped tokens"))
 
 
 def batch_rows(groups: list[Group], prompt_ids: dict[str, list[int]], n_rows: int, seq_len: int, *,

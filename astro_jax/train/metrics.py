@@ -135,22 +135,24 @@ def plot_curves(rows: Sequence[dict], out_png: str | Path, title: str = "") -> P
   return Path(out_png)
 
 
-def plot_panels(rows: Sequence[dict], panels: Sequence[tuple[str, str]], out_png: str | Path,
+def plot_panels(rows: Sequence[dict], panels: Sequence[tuple[str, ...]], out_png: str | Path,
                 title: str = "") -> Path:
-  """One small plot per (metric key, label) against step, in a grid: a PNG (written, then renamed)."""
+  """One small plot per (metric key, label[, held-out key drawn over it]) against step, in a grid: a PNG (written,
+  then renamed)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   cols = 3
   n_rows = max(1, math.ceil(len(panels) / cols))
   fig, axes = plt.subplots(n_rows, cols, figsize=(4 * cols, 2.8 * n_rows), dpi=110, squeeze=False)
-  for ax, (key, label) in zip(axes.flat, panels):
+  for ax, (key, label, *held_out) in zip(axes.flat, panels):
     points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
     if points:
       ax.plot(*zip(*points), lw=1.2, marker="o" if len(points) < 30 else None, ms=2)
-    evals = [(r["step"], r[f"eval_{key}"]) for r in rows if isinstance(r.get(f"eval_{key}"), (int, float))]
+    other = held_out[0] if held_out else f"eval_{key}"
+    evals = [(r["step"], r[other]) for r in rows if isinstance(r.get(other), (int, float))]
     if evals:
-      ax.plot(*zip(*evals), "s--", ms=3, label="held-out")
+      ax.plot(*zip(*evals), "s--", ms=3, label=f"held-out ({other.removeprefix('eval_')})")
       ax.legend(loc="best", fontsize=7)
     ax.set_title(label, fontsize=9)
     ax.set_xlabel("step", fontsize=8)
