@@ -14,7 +14,12 @@ value is the stage default scaled down, for these reasons:
   with up to 3 rounds of 4 prompts refills groups whose 4 rewards are equal. The update (fwd + bwd of 135M params
   over 16 x 384 positions) dominates a CPU step (see benchmarks/rl_step.py for the measured split).
 * Optimizer: constant lr 1e-5 (a 135M model takes larger steps than the 1e-6 of big-model recipes), clip 1.0,
-  fp32 weights and matmuls (this CPU has no faster bf16 path).
+  fp32 weights and matmuls (this CPU has no faster bf16 path). remat "full": without it the update's saved
+  activations (30 layers x 16 x 384 positions, plus the 49152-entry head's chunks) peaked at 20.7 GiB and the
+  process was killed on a 23 GiB machine; with it 9.4 GiB (benchmarks/rl_step.py).
+* Measured (benchmarks/results/rl_step.json, 2-core AMD EPYC, shared with other jobs): ~2 min a step after the
+  first (5.5 min with its compiles): sampling 29% (decoding 16 rows of <= 128 tokens; 35% of the decoded row-steps
+  on rows already finished), the update 71% (fwd + remat + bwd over every padded position).
 * Checkpoints every 4 steps, written synchronously; no compilation cache.
 """
 import os
@@ -36,6 +41,7 @@ def get_config():
   c.minibatches = 1
   c.max_prompt_tokens = 256
   c.loss_chunk = 384
+  c.model.remat = "full"
   c.dynamic_sampling = True
   c.max_sampling_rounds = 3
   c.save_every = 4
