@@ -30,7 +30,8 @@ def test_every_stage_has_locked_defaults_that_validate(name):
                                   "configs/mcts_8b.py", "configs/sft_tiny.py", "configs/sft_smollm2.py",
                                   "configs/sft_8b.py", "configs/sft_70b.py", "configs/sft_8b.py:h100",
                                   "configs/sft_70b.py:h100", "configs/difficulty_smollm2.py", "configs/rl_tiny.py",
-                                  "configs/rl_smollm2.py"])
+                                  "configs/rl_smollm2.py", "configs/rl_8b.py", "configs/rl_70b.py",
+                                  "configs/rl_8b.py:h100", "configs/rl_70b.py:h100"])
 def test_shipped_configs_load_and_validate(path):
   config = main.load_config_file(f"{REPO}/{path}")
   main.validate(config)

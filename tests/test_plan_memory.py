@@ -1,4 +1,5 @@
-"""tools/plan_memory.py: the AOT memory plan of a train step on simulated CPU devices, and the big SFT configs."""
+"""tools/plan_memory.py: the AOT memory plan of a train step (and the RL sampler) on simulated CPU devices, and the
+big SFT and RL configs."""
 from __future__ import annotations
 
 import json
@@ -22,13 +23,19 @@ RUNS = {
     "full": ("--config.batch_size=16", "--config.model.remat=full", "--config.accelerator=tpu_v5e"),
     "bad_devices": ("--config.batch_size=8", "--devices=6"),
     "bad_accelerator": ("--config.accelerator=tpu_v9",),
+    # rl: 16 prompts x G 8 = 128 rows of 8 + 20 tokens; a bf16 sampler of 128 rows, eval budget 40 > 20; a KL term
+    "rl": ("--config=configs/rl_tiny.py", "--config.sampler.dtype=bfloat16", "--config.sampling.max_new_tokens=20",
+           "--config.eval.every=5", "--config.eval.benchmarks=math500", "--config.eval.max_new_tokens=40",
+           "--config.loss.beta=0.1", "--config.model.dtype=bfloat16"),
 }
 
 
 def _args(name: str) -> list[str]:
-  """The tiny flags, a flag of the run replacing the tiny one of the same name."""
+  """The tiny flags, a flag of the run replacing the tiny one of the same name (--config first: its overrides follow
+  it)."""
   own = {a.split("=")[0] for a in RUNS[name]}
-  return [sys.executable, TOOL, *(a for a in TINY if a.split("=")[0] not in own), *RUNS[name]]
+  args = [*(a for a in TINY if a.split("=")[0] not in own), *RUNS[name]]
+  return [sys.executable, TOOL, *sorted(args, key=lambda a: not a.startswith("--config="))]
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +133,83 @@ def test_big_sft_configs_are_valid_apart_from_their_inputs(spec):
   stages.get("sft").check(probe)
   with pytest.raises(main.ConfigError, match="unknown target"):
     main.load_config_file(os.path.join(REPO, spec.partition(":")[0] + ":tpu_v9"))
+
+
+def test_rl_plan_counts_the_sampler_and_its_kv_cache_by_hand(runs):
+  r = _plan(runs, "rl")
+  b, p, s = r["bytes_per_device"], r["phases"], r["sampler"]
+  L, K, H, V, D, F, N = 2, 2, 16, 512, 64, 128, 4  # the tiny preset (checked above)
+  # the cache: 128 rows over fsdp 4, kv heads over tensor 2; slots = bucket(8) + bucket(max(20, 40)) = 16 + 64; bf16
+  assert (s["max_batch"], s["rows_per_batch_shard"], s["prompt_slots"], s["new_slots"]) == (128, 32, 16, 64)
+  assert b["kv_cache"] == L * 2 * (128 // 4) * (K // 2) * H * (16 + 64) * 2 == 327680
+  # the sampler's copy: bf16, split over tensor only (vocab, heads, mlp), per layer with q/k/v fused
+  per_layer = D + D * (K // 2) * (N // K + 2) * H + (N // 2) * H * D + D + 3 * D * (F // 2)
+  assert b["sampler_weights"] == 2 * (V // 2 * D + L * per_layer + D)
+  assert b["reference"] == b["params"] // 2  # the start model in bf16, sharded as the float32 params
+  assert b["batch"] == 4 * (7 * 32 * 28 + 32)  # 7 [rows, T] inputs (with ref_logprobs) + advantages, 32 rows a device
+  resident = b["params"] + b["optimizer"] + b["sampler_weights"] + b["reference"]
+  assert p == {"train_step": resident + b["temporaries"] + b["batch"] + b["other"],
+               "weight_sync": resident + b["weight_sync_temporaries"],
+               "sampling": resident + b["kv_cache"] + b["sampling_temporaries"]}
+  assert b["total_rl"] == max(p.values()) and b["total_rl_upper"] == p["train_step"] + b["kv_cache"]
+  assert b["total"] == b["params"] + b["optimizer"] + b["temporaries"] + b["batch"] + b["other"]  # as for sft
+  assert b["sampling_temporaries"] > 0 and b["weight_sync_temporaries"] > 0
+  assert r["batch"]["batch_size"] == 128 and r["batch"]["seq_len"] == 28 and r["rl"]["eval_max_new_tokens"] == 40
+  assert r["fits"] is None and r["fits_upper"] is None
+
+
+RL_SPECS = ["configs/rl_8b.py", "configs/rl_8b.py:tpu_v5p", "configs/rl_8b.py:h100", "configs/rl_70b.py",
+            "configs/rl_70b.py:tpu_v5p", "configs/rl_70b.py:h100", "configs/rl_70b.py:h100_128"]
+
+
+@pytest.mark.parametrize("spec", RL_SPECS)
+def test_big_rl_configs_are_valid_apart_from_their_inputs(spec):
+  from astro_jax.model.config import PRESETS
+  from astro_jax.stages import rl
+  config = main.load_config_file(os.path.join(REPO, spec))
+  main.validate(config)
+  assert config.checkpoint == "" and config.prompts == "" and config.output_dir
+  assert config.group_size == 4 and config.loss.beta == 0 and config.sampler.dtype == "bfloat16"
+  target = spec.partition(":")[2] or "tpu_v5p"
+  assert config.accelerator == ("h100" if target.startswith("h100") else target)
+  mesh = config.mesh
+  assert -1 not in (mesh.data, mesh.fsdp, mesh.tensor)
+  shards = mesh.data * mesh.fsdp
+  micro = rl.rows_per_update(config) // config.grad_accum
+  assert micro % shards == 0 and micro // shards == 1  # one row per batch shard per micro-batch
+  assert config.sampler.max_batch % shards == 0 and config.sampler.max_batch % config.group_size == 0
+  T = rl.seq_len(config)
+  assert T % config.model.attention_block == 0  # else blocked attention falls back to whole attention
+  assert T <= PRESETS[_plan_preset(spec)].max_position_embeddings
+  probe = config.copy_and_resolve_references()
+  probe.checkpoint, probe.prompts = "CKPT", "prompts.jsonl"
+  rl.check(probe)
+  with pytest.raises(main.ConfigError, match="unknown target"):
+    main.load_config_file(os.path.join(REPO, spec.partition(":")[0] + ":tpu_v9"))
+
+
+def _plan_preset(spec: str) -> str:
+  import importlib.util
+  module_spec = importlib.util.spec_from_file_location("_plan_preset", os.path.join(REPO, spec.partition(":")[0]))
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.PLAN_PRESET
+
+
+@pytest.mark.parametrize("spec", RL_SPECS)
+def test_recorded_rl_plans_match_the_configs_and_fit(spec):
+  """benchmarks/results/plan_memory.json holds the plan of each shipped RL target, measured with its current
+  settings, fitting with >= 10% headroom (re-measure with tools/plan_memory.py after changing a config)."""
+  from astro_jax.stages import rl
+  config = main.load_config_file(os.path.join(REPO, spec))
+  name = spec if spec.partition(":")[2] not in ("", "tpu_v5p") else spec.partition(":")[0]
+  with open(os.path.join(REPO, "benchmarks", "results", "plan_memory.json")) as f:
+    rows = [r for r in json.load(f) if r["config"] == name and not r.get("overrides")]
+  assert len(rows) == 1, name
+  r = rows[0]
+  assert r["mesh"] == {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor}
+  assert (r["batch"]["batch_size"], r["batch"]["grad_accum"], r["batch"]["seq_len"]) == (
+      rl.rows_per_update(config), config.grad_accum, rl.seq_len(config))
+  assert r["sampler"]["max_batch"] == config.sampler.max_batch and r["accelerator"] == config.accelerator
+  assert r["model"]["remat"] == config.model.remat and r["rl"]["batch_prompts"] == config.batch_prompts
+  assert r["fits"] is True and r["headroom_bytes"] >= 0.1 * r["capacity_bytes"]

@@ -2,13 +2,14 @@
 r"""AOT memory plan of a training config: the per-device bytes of its train step, without any accelerator.
 
   python tools/plan_memory.py --config=configs/sft_8b.py[:TARGET] [--devices=N] [--preset=NAME] [--json] \
-      [--config.KEY=VALUE ...]
+      [--config.KEY=VALUE ...]            # also configs/rl_8b.py, rl_70b.py (stage rl: the sampler too)
 
 The config is read as `python -m astro_jax.main` reads it (the same flag, `path.py:arg` targets, overrides and
-checks; checkpoint, data and output_dir may stay empty). The train step the stage would run (`Trainer.create`: the
-optimizer, the state shardings, the jitted step with its loss, remat and gradient accumulation) is lowered for an
-abstract state and batch (ShapeDtypeStructs with their shardings: nothing is allocated) on N simulated CPU devices
-and compiled; XLA's buffer assignment then gives the bytes each device needs:
+checks; checkpoint, data, prompts and output_dir may stay empty). The train step the stage would run
+(`Trainer.create`, for rl `rl.make_trainer`: the optimizer, the state shardings, the jitted step with its loss,
+remat and gradient accumulation) is lowered for an abstract state and batch (ShapeDtypeStructs with their
+shardings: nothing is allocated) on N simulated CPU devices and compiled; XLA's buffer assignment then gives the
+bytes each device needs:
 
   params       the trained weights: sum over weights of the shard's bytes (NamedSharding.shard_shape)
   optimizer    the optimizer state (Adam moments, counters), the same way
@@ -17,6 +18,32 @@ and compiled; XLA's buffer assignment then gives the bytes each device needs:
   batch        the step's input rows on this device
   other        outputs that do not alias a donated input (metrics; a state copy if donation failed) and the step
   total        the sum: the live peak as XLA:CPU plans it (the state is donated: outputs reuse its buffers)
+
+Stage rl: one optimizer update is rows_per_update = batch_prompts x group_size / minibatches rows of seq_len =
+max_prompt_tokens + sampling.max_new_tokens tokens (the RL batch inputs: rollouts.RL_BATCH_AXES, REF_BATCH_AXES
+with loss.beta > 0). On the same mesh the sampler keeps its own weight copy and, while it samples, a KV cache:
+
+  sampler_weights          its copy in sampler.dtype, per layer, q/k/v fused, with the "sample" rules (split over
+                           tensor only): the outputs of its weight-sync program, lowered from the trainer's params
+  kv_cache                 the cache of its largest program: layers x 2 x rows x slots x kv_heads x head_dim x bytes
+                           of sampler.cache_dtype (rows = sampler.max_batch over data x fsdp, kv heads over tensor;
+                           slots = bucket(max_prompt_tokens) + bucket(the larger of the rollout and eval budgets));
+                           the shape and shardings of the prefill program's output
+  sampling_temporaries     the larger of prefill's (temporaries, logits) and decode's (temporaries, inputs, outputs
+                           other than the donated cache). Both are lowered in float32, weights and cache: XLA:CPU has
+                           no bfloat16 dots or in-place bfloat16 cache updates, so a bfloat16 program there holds
+                           float32 copies of every weight (hoisted out of the decode loop) and of the cache (~30 GiB at
+                           8B), which TPU and GPU never allocate; float32 activations are at most twice the bf16 ones
+  weight_sync_temporaries  the weight-sync program's (the cast and reshard in update_weights; XLA gathers the
+                           float32 params before the cast)
+  reference                the frozen start model (loss.beta > 0), in model.dtype, sharded as the params
+
+What is live when: the trainer state and the sampler weights always (resident); then one of three phases: the train
+step (+ its temporaries, batch, other), the weight sync (+ its temporaries: the old copy is freed first), sampling
+(+ KV cache + sampling temporaries; the cache is dropped when decode returns, before the step). phases gives each
+phase's total; total_rl = the largest, and for rl `fits` and `headroom_bytes` are on total_rl; total_rl_upper (and
+fits_upper) adds the KV cache to the train step, as if both were live at once. The eval's programs are the same with
+the eval budget (counted in slots); an eval prompt longer than max_prompt_tokens needs a larger bucket.
 
 Devices: N = --devices, else the product of the config's mesh axes (an axis of -1 needs --devices). The tool sets
 JAX_PLATFORMS=cpu first and XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX's backend starts (the
@@ -39,8 +66,10 @@ GPU preallocates XLA_PYTHON_CLIENT_MEM_FRACTION = 75% of the memory by default; 
 other programs resident at the same time (the eval step, a checkpoint being written). Keep ~10-20% headroom.
 
 --json prints exactly one JSON object on stdout: {"devices", "accelerator", "bytes_per_device": {"params",
-"optimizer", "temporaries", "batch", "other", "total"}, "capacity_bytes", "fits", ...}. Bad input (unknown preset
-or accelerator, a mesh that does not match the devices, a bad config value) is one `error: ...` line, exit 2.
+"optimizer", "temporaries", "batch", "other", "total"}, "capacity_bytes", "fits", ...}; for rl also bytes_per_device's
+sampler_weights, kv_cache, sampling_temporaries, weight_sync_temporaries, reference, total_rl, total_rl_upper, and
+"phases", "sampler" (its shapes and programs' memory analyses), "rl" (the batch), "fits_upper". Bad input (unknown
+preset or accelerator, a mesh that does not match the devices, a bad config value) is one `error: ...` line, exit 2.
 """
 from __future__ import annotations
 
@@ -135,12 +164,13 @@ def architecture(config, spec: str, preset_name: str):
 
 
 def check_config(config) -> None:
-  """The stage's own checks, with the keys only a real run needs (checkpoint, data, output_dir) filled in."""
+  """The stage's own checks, with the keys only a real run needs (checkpoint, data / prompts, output_dir) filled
+  in."""
   from astro_jax import stages
   if "optimizer" not in config or "loss_chunk" not in config:
     raise ConfigError(f"stage {config.stage!r} has no train step to plan (no optimizer / loss_chunk keys)")
   probe = config.copy_and_resolve_references()
-  for key in ("checkpoint", "data", "output_dir"):
+  for key in ("checkpoint", "data", "prompts", "output_dir"):
     if key in probe and not probe[key]:
       probe[key] = "<not needed by the plan>"
   stages.get(probe.stage).check(probe)
@@ -176,8 +206,108 @@ def shard_bytes(tree: Any) -> int:
   return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
+FLOAT_INPUTS = ("weights", "old_logprobs", "advantages", "ref_logprobs")  # float32 batch inputs; the others int32
+
+
+def abstract_batch(batch_axes: dict[str, tuple[str, ...]], sharder, rows: int, length: int) -> dict:
+  """The step's inputs as sharded ShapeDtypeStructs: [rows, length] for ("batch", "seq") inputs, [rows] for
+  per-row ones (RL's advantages)."""
+  import jax
+  import jax.numpy as jnp
+  dims = {"batch": rows, "seq": length}
+  return {k: jax.ShapeDtypeStruct(tuple(dims[a] for a in axes), jnp.float32 if k in FLOAT_INPUTS else jnp.int32,
+                                  sharding=sharder.named(axes)) for k, axes in batch_axes.items()}
+
+
+def _with_shardings(out_info: Any, shardings: Any) -> Any:
+  """A lowered program's outputs as ShapeDtypeStructs with the shardings its compiled version gave them."""
+  import jax
+  return jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s), out_info, shardings)
+
+
+def _memory(compiled) -> dict[str, int]:
+  m = compiled.memory_analysis()
+  return {"argument": int(m.argument_size_in_bytes), "output": int(m.output_size_in_bytes),
+          "alias": int(m.alias_size_in_bytes), "temp": int(m.temp_size_in_bytes)}
+
+
+class _PlanTokenizer:
+  """What the sampler's programs need of a tokenizer (its EOS ids and pad id)."""
+
+  def __init__(self, cfg):
+    self.eos_ids, self.pad_id = tuple(cfg.eos_token_ids or ()), 0
+
+
+def sampler_plan(config, trainer, state: dict, mesh) -> dict:
+  """The RL sampler on the trainer's mesh: its weight copy (the weight-sync program, lowered from the trainer's
+  abstract params), and the prefill and decode programs of its largest batch (sampler.max_batch rows, the bucketed
+  prompt + response budget in slots), lowered in float32 (see the module doc); the cache's bytes in its dtype."""
+  import jax
+  import jax.numpy as jnp
+
+  from astro_jax import sampler as sampler_lib
+  from astro_jax.sharding import Sharder
+
+  sharder = Sharder.create(mesh, "sample")
+  S, E = config.sampler, config.eval
+  cache_dtype = S.cache_dtype or S.dtype
+  make = lambda dtype, cache: sampler_lib.Sampler(trainer.cfg, _PlanTokenizer(trainer.cfg), sharder=sharder,
+                                                  max_batch=S.max_batch, dtype=dtype, cache_dtype=cache)
+  sampler, probe = make(S.dtype, cache_dtype), make("float32", "float32")
+  t0 = time.perf_counter()
+  lowered = sampler._prepare_weights.lower(state["params"])
+  compiled = lowered.compile()
+  weights = _with_shardings(lowered.out_info, compiled.output_shardings)
+  sync = _memory(compiled)
+
+  budget = config.sampling.max_new_tokens
+  eval_budget = (E.max_new_tokens or budget) if E.every else 0
+  R, shards = sampler.max_batch, sampler.batch_shards
+  P, N = sampler_lib.bucket(config.max_prompt_tokens), sampler_lib.bucket(max(budget, eval_budget))
+  B = sampler_lib._round_up(sampler_lib.bucket(max(1, S.max_batch // config.group_size), 1), shards)
+
+  def arg(shape: tuple[int, ...], dtype, whole: bool = False):
+    """An input as the sampler puts it: rows over the batch axes, or replicated."""
+    axes = (None,) * len(shape) if whole else ("batch",) + (None,) * (len(shape) - 1)
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharder.named(axes, shape))
+
+  weights32 = jax.tree.map(lambda w: jax.ShapeDtypeStruct(w.shape, jnp.float32, sharding=w.sharding), weights)
+  lowered = probe._prefill.lower(weights32, arg((B, P), jnp.int32), arg((B, P), jnp.bool_), arg((R,), jnp.int32),
+                                 new_slots=N, cache_dtype=probe.cache_dtype)
+  compiled = lowered.compile()
+  cache, logits = _with_shardings(lowered.out_info, compiled.output_shardings)
+  prefill = _memory(compiled)
+  as_cache = lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(cache_dtype), sharding=x.sharding)
+  kv, cache_b = shard_bytes(jax.tree.map(as_cache, (cache.k, cache.v))), shard_bytes(cache)
+
+  stop = tuple(s for s in config.sampling.stop if s)
+  longest = max((len(s) for s in stop), default=0)
+  table = arg((sampler_lib.bucket(len(stop), 4), sampler_lib.bucket(longest + 1, 4), trainer.cfg.vocab_size),
+              jnp.uint8, whole=True)
+  stop_len = arg((table.shape[0],), jnp.int32, whole=True)
+  rows = sampler_lib.RowParams(arg((R, 2), jnp.uint32), arg((R,), jnp.bool_), arg((R,), jnp.float32),
+                               arg((R,), jnp.float32), arg((R,), jnp.int32), arg((R,), jnp.int32))
+  lowered = probe._decode.lower(weights32, cache, logits, arg((R, P + N), jnp.bool_), arg((R,), jnp.int32), rows,
+                                table, stop_len, budget=N, eos_ids=probe.eos_ids, pad_id=probe.pad_id)
+  decode = _memory(lowered.compile())
+  # Beyond the weights and the cache: prefill's temporaries and logits; decode's temporaries, its inputs (logits,
+  # masks, row settings, stop tables) and its outputs that are not the donated cache (tokens, log-probs).
+  prefill_extra = prefill["temp"] + prefill["output"] - cache_b
+  decode_extra = (decode["temp"] + decode["argument"] - shard_bytes(weights32) - cache_b + decode["output"]
+                  - decode["alias"])
+  return {
+      "sampler": {"dtype": S.dtype, "cache_dtype": cache_dtype, "max_batch": R, "rows_per_batch_shard": R / shards,
+                  "prefill_prompts": B, "prompt_slots": P, "new_slots": N, "slots": P + N,
+                  "compile_s": round(time.perf_counter() - t0, 2),
+                  "xla_memory_analysis": {"weight_sync": sync, "prefill": prefill, "decode": decode}},
+      "bytes": {"sampler_weights": shard_bytes(weights), "kv_cache": kv,
+                "sampling_temporaries": max(prefill_extra, decode_extra), "weight_sync_temporaries": sync["temp"]},
+  }
+
+
 def plan(config, spec: str, devices: int, preset_name: str) -> dict:
-  """Compile the config's train step for simulated devices and account its per-device bytes."""
+  """Compile the config's train step (and for rl its sampler's programs) for simulated devices and account its
+  per-device bytes."""
   check_config(config)
   mesh_axes = {a: int(config.mesh[a]) for a in ("data", "fsdp", "tensor")}
   n = device_count(mesh_axes, devices)
@@ -186,18 +316,24 @@ def plan(config, spec: str, devices: int, preset_name: str) -> dict:
   set_xla_device_count(n)
 
   import jax
-  import jax.numpy as jnp
 
   from astro_jax.sharding import Sharder, make_mesh
   from astro_jax.train import loop
-  from astro_jax.train import step as step_lib
 
   if len(jax.devices()) != n:
     raise RuntimeError(f"JAX's CPU backend has {len(jax.devices())} devices, not {n}: it started before "
                        f"XLA_FLAGS was set")
   model_cfg, source = architecture(config, spec, preset_name)
-  if config.seq_len > model_cfg.max_position_embeddings:
-    raise ConfigError(f"config key 'seq_len' = {config.seq_len}: longer than the model's context of "
+  rl = config.stage == "rl"
+  if rl:
+    from astro_jax.stages import rl as rl_stage
+    rows, length = rl_stage.rows_per_update(config), rl_stage.seq_len(config)
+    rows_key, length_key = "batch_prompts x group_size / minibatches", "max_prompt_tokens + sampling.max_new_tokens"
+  else:
+    rows, length = config.batch_size, config.seq_len
+    rows_key, length_key = "batch_size", "seq_len"
+  if length > model_cfg.max_position_embeddings:
+    raise ConfigError(f"config key '{length_key}' = {length}: longer than the model's context of "
                       f"{model_cfg.max_position_embeddings} positions")
   try:
     mesh = make_mesh(mesh_axes["data"], mesh_axes["fsdp"], mesh_axes["tensor"])
@@ -205,20 +341,19 @@ def plan(config, spec: str, devices: int, preset_name: str) -> dict:
     raise ConfigError(f"config key 'mesh': {e}") from None
   sharder = Sharder.create(mesh, "train")
   rows_axes = mesh.shape["data"] * mesh.shape["fsdp"]
-  micro = config.batch_size // config.grad_accum
-  if config.batch_size % rows_axes:
-    raise ConfigError(f"config key 'batch_size' = {config.batch_size}: rows are split over data x fsdp = "
+  micro = rows // config.grad_accum
+  if rows % rows_axes:
+    raise ConfigError(f"config key '{rows_key}' = {rows}: rows are split over data x fsdp = "
                       f"{rows_axes} devices and must divide by it")
   notes = []
   if micro % rows_axes:
     notes.append(f"a micro-batch of {micro} rows does not divide over data x fsdp = {rows_axes}: it is replicated "
                  f"(every device computes all of its rows)")
 
-  trainer = loop.Trainer.create(config, model_cfg, sharder, PLAN_STEPS)
+  trainer = (rl_stage.make_trainer(config, model_cfg, sharder) if rl else
+             loop.Trainer.create(config, model_cfg, sharder, PLAN_STEPS))
   state = trainer.abstract_state()
-  batch = {k: jax.ShapeDtypeStruct((config.batch_size, config.seq_len),
-                                   jnp.float32 if k == "weights" else jnp.int32, sharding=trainer.batch_sharding)
-           for k in step_lib.BATCH_KEYS}
+  batch = abstract_batch(trainer.batch_axes, sharder, rows, length)
   t0 = time.perf_counter()
   lowered = trainer.step_fn.lower(state, batch)
   t1 = time.perf_counter()
@@ -233,15 +368,15 @@ def plan(config, spec: str, devices: int, preset_name: str) -> dict:
       - int(mem.alias_size_in_bytes)
   total = params + optimizer + temp + batch_b + other
   n_params = model_cfg.num_params()
-  return {
+  result = {
       "config": spec, "stage": config.stage, "devices": n, "accelerator": accelerator,
       "mesh": dict(mesh.shape),
       "model": {"source": source, "params": n_params, "layers": model_cfg.n_layers, "d_model": model_cfg.d_model,
                 "param_dtype": config.model.param_dtype, "dtype": config.model.dtype, "remat": config.model.remat,
                 "scan_layers": config.model.scan_layers, "mu_dtype": config.optimizer.mu_dtype or "(params')"},
-      "batch": {"batch_size": config.batch_size, "grad_accum": config.grad_accum, "seq_len": config.seq_len,
+      "batch": {"batch_size": rows, "grad_accum": config.grad_accum, "seq_len": length,
                 "micro_batch_rows": micro, "rows_per_device_per_micro_batch": micro / rows_axes,
-                "tokens_per_step": config.batch_size * config.seq_len, "loss_chunk": config.loss_chunk},
+                "tokens_per_step": rows * length, "loss_chunk": config.loss_chunk},
       "bytes_per_device": {"params": params, "optimizer": optimizer, "temporaries": temp, "batch": batch_b,
                            "other": other, "total": total},
       "state_bytes_per_param": round((params + optimizer) * n / n_params, 3),
@@ -253,22 +388,63 @@ def plan(config, spec: str, devices: int, preset_name: str) -> dict:
       "lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2), "cpu": cpu_model(),
       "jax": jax.__version__, "notes": notes,
   }
+  if rl:
+    samp = sampler_plan(config, trainer, state, mesh)
+    b = result["bytes_per_device"]
+    reference = 0
+    if config.loss.beta:  # the frozen start model in the compute dtype, sharded as the params
+      dtype = trainer.run.jnp_dtype
+      reference = shard_bytes(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding),
+                                           state["params"]))
+      notes.append("loss.beta > 0: the reference's log-prob program (a forward pass over each update's rows, "
+                   "before the step) is not planned")
+    b.update(samp["bytes"], reference=reference)
+    resident = params + optimizer + b["sampler_weights"] + reference
+    phases = {"train_step": resident + temp + batch_b + other,
+              "weight_sync": resident + b["weight_sync_temporaries"],
+              "sampling": resident + b["kv_cache"] + b["sampling_temporaries"]}
+    b["total_rl"] = max(phases.values())
+    b["total_rl_upper"] = resident + temp + batch_b + other + b["kv_cache"]
+    result["phases"] = phases
+    result["sampler"] = samp["sampler"]
+    result["rl"] = {"batch_prompts": config.batch_prompts, "group_size": config.group_size,
+                    "minibatches": config.minibatches, "rows_per_step": config.batch_prompts * config.group_size,
+                    "rows_per_update": rows, "max_prompt_tokens": config.max_prompt_tokens,
+                    "max_new_tokens": config.sampling.max_new_tokens,
+                    "eval_max_new_tokens": (config.eval.max_new_tokens or config.sampling.max_new_tokens)
+                    if config.eval.every else 0, "loss_beta": config.loss.beta,
+                    "tokens_per_rl_step": config.batch_prompts * config.group_size * length}
+    result["fits"] = None if cap is None else b["total_rl"] <= cap
+    result["headroom_bytes"] = None if cap is None else cap - b["total_rl"]
+    result["fits_upper"] = None if cap is None else b["total_rl_upper"] <= cap
+  return result
 
 
 def table(r: dict) -> str:
   """The plan as a readable table (GiB, or MiB for small plans)."""
   b, m, bt = r["bytes_per_device"], r["model"], r["batch"]
-  unit, scale = ("GiB", GIB) if b["total"] >= GIB else ("MiB", 2**20)
+  rl = "total_rl" in b
+  peak = b["total_rl"] if rl else b["total"]
+  unit, scale = ("GiB", GIB) if peak >= GIB else ("MiB", 2**20)
   g = lambda x: f"{x / scale:10.2f}"
   mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
   rows = bt["rows_per_device_per_micro_batch"]
+  what = "update" if rl else "step"
   lines = [
       f"memory plan  {r['config']}  (stage {r['stage']}; {m['source']}; {m['params'] / 1e9:.3g}B params)",
-      f"  mesh {mesh} = {r['devices']} simulated devices; batch {bt['batch_size']} x {bt['seq_len']} tokens, "
-      f"grad_accum {bt['grad_accum']} ({rows:g} row{'' if rows == 1 else 's'} per device per micro-batch), "
+      f"  mesh {mesh} = {r['devices']} simulated devices; batch {bt['batch_size']} x {bt['seq_len']} tokens per "
+      f"{what}, grad_accum {bt['grad_accum']} ({rows:g} row{'' if rows == 1 else 's'} per device per micro-batch), "
       f"loss_chunk {bt['loss_chunk']}",
       f"  params {m['param_dtype']}, compute {m['dtype']}, remat {m['remat']}, Adam mu {m['mu_dtype']}; "
       f"state {r['state_bytes_per_param']:g} bytes/param",
+  ]
+  if rl:
+    q, s = r["rl"], r["sampler"]
+    lines.append(f"  rl: {q['batch_prompts']} prompts x G {q['group_size']} = {q['rows_per_step']} rows a step in "
+                 f"{q['minibatches']} update{'s' if q['minibatches'] > 1 else ''}; sampler {s['dtype']} weights, "
+                 f"{s['cache_dtype']} cache, {s['max_batch']} rows a program ({s['rows_per_batch_shard']:g} per batch "
+                 f"shard) x {s['slots']} slots ({s['prompt_slots']} prompt + {s['new_slots']} new)")
+  lines += [
       "",
       f"  {'per device':<44}{unit:>10}",
       f"  {'params':<44}{g(b['params'])}",
@@ -276,16 +452,34 @@ def table(r: dict) -> str:
       f"  {'temporaries (activations, gradients, ...)':<44}{g(b['temporaries'])}",
       f"  {'batch':<44}{g(b['batch'])}",
       f"  {'other (non-aliased outputs, step counter)':<44}{g(b['other'])}",
-      f"  {'total':<44}{g(b['total'])}",
+      f"  {'total (the train step)' if rl else 'total':<44}{g(b['total'])}",
   ]
+  if rl:
+    p = r["phases"]
+    lines += [
+        f"  {'sampler weights (its own copy)':<44}{g(b['sampler_weights'])}",
+        *([f"  {'reference model (loss.beta > 0)':<44}{g(b['reference'])}"] if b["reference"] else []),
+        f"  {'KV cache (largest sampler program)':<44}{g(b['kv_cache'])}",
+        f"  {'sampling temporaries (prefill / decode)':<44}{g(b['sampling_temporaries'])}",
+        f"  {'weight-sync temporaries':<44}{g(b['weight_sync_temporaries'])}",
+        f"  {'peak: train step (+ sampler weights)':<44}{g(p['train_step'])}",
+        f"  {'peak: weight sync':<44}{g(p['weight_sync'])}",
+        f"  {'peak: sampling (+ KV cache)':<44}{g(p['sampling'])}",
+        f"  {'total_rl (the largest peak)':<44}{g(b['total_rl'])}",
+        f"  {'upper bound (KV cache kept through the step)':<44}{g(b['total_rl_upper'])}",
+    ]
   if r["capacity_bytes"] is None:
     lines.append(f"  {'capacity':<44}{'unknown':>10}   (set config.accelerator for a verdict)")
   else:
     cap, head = r["capacity_bytes"], r["headroom_bytes"]
     lines.append(f"  {'capacity (' + r['accelerator'] + ')':<44}{g(cap)}")
     verdict = "fits" if r["fits"] else "DOES NOT FIT"
-    lines.append(f"  verdict: {verdict}, headroom {head / scale:.2f} {unit} ({100 * head / cap:.0f}% of capacity)")
-  lines.append(f"  compile {r['compile_s']:.1f} s (lower {r['lower_s']:.1f} s) on {r['cpu']}, jax {r['jax']}")
+    lines.append(f"  verdict{' (total_rl)' if rl else ''}: {verdict}, headroom {head / scale:.2f} {unit} "
+                 f"({100 * head / cap:.0f}% of capacity)"
+                 + (f"; the upper bound {'fits' if r['fits_upper'] else 'does not fit'}" if rl else ""))
+  lines.append(f"  compile {r['compile_s']:.1f} s (lower {r['lower_s']:.1f} s)"
+               + (f", sampler programs {r['sampler']['compile_s']:.1f} s" if rl else "")
+               + f" on {r['cpu']}, jax {r['jax']}")
   lines += [f"  note: {n}" for n in r["notes"]]
   lines.append("  XLA:CPU's buffer assignment of this step: TPU/GPU fusion and layouts, collective buffers, "
                "fragmentation and the runtime's reserve are not in it (--help)")
