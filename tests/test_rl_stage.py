@@ -296,3 +296,13 @@ def test_shipped_small_configs_pass_the_stage_checks(path):
   set_values(config, {"checkpoint": config.checkpoint or "ckpt", "prompts": config.prompts or "p.jsonl",
                       "output_dir": config.output_dir or "out"})
   rl.check(config)
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(toy, tmp_path, compile_cache):
+  from astro_jax.stages import rl
+  from astro_jax.train.loop import NonFiniteLoss
+  out = tmp_path / "nan"
+  with pytest.raises(NonFiniteLoss, match=r"step 2: loss is nan .* the last good checkpoint is step 1 in "):
+    rl.run(rl_config(toy, out, steps=4, save_every=1, compile_cache_dir=compile_cache,
+                     **{"optimizer.lr": 1e30, "optimizer.clip_norm": 0.0}))
+  assert finalized(out) == [1] and [r["step"] for r in rows(out)] == [1]

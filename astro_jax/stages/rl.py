@@ -29,11 +29,11 @@ Run directory (`output_dir`):
                        kl, clip_fraction, logprob_gap (mean |sampler - trainer| log-prob per token, first update),
                        loss, grad_norm (means over the updates), lr, groups, sampling_rounds,
                        finished_row_fraction (of the decoded row-steps, those of rows that had already finished:
-                       a batch decodes until its longest row stops), tokens_per_s (sampled
-                       tokens per second of the step), time_sampling, time_scoring (the verifier's busy time, mostly
+                       a batch decodes until its longest row stops), tokens_per_s (sampled tokens per second of
+                       the step, eval excluded), time_sampling, time_scoring (the verifier's busy time, mostly
                        overlapped with sampling), time_training, time_weight_sync, time_s, compiles (XLA programs
                        compiled during the step: 0 after the first steps); + eval_* every eval.every steps
-  eval/step_N.json     the eval summary at step N (pass@1, maj@k, mean backtracks, ...; the eval stage's code)
+  eval/step_N_<benchmark>.json   the eval summary at step N (pass@1, maj@k, mean backtracks, ...; the eval stage's)
   tensorboard/, rl.png the same as TensorBoard events; the curves, at the end
   checkpoints/<step>/  Orbax: params, optimizer state, step + the prompt stream's position
   hf/                  the final weights as a HF checkpoint
@@ -474,7 +474,8 @@ def run(config: ml_collections.ConfigDict) -> None:
           times["time_eval"] = time.perf_counter() - t_eval
         times["time_s"] = time.perf_counter() - began
         sampled_tokens = sum(len(c.token_ids) for g in sampled for c in g.completions)
-        row.update(times, tokens_per_s=sampled_tokens / max(times["time_s"], 1e-9), compiles=compiles.take())
+        rl_seconds = times["time_s"] - times.get("time_eval", 0.0)
+        row.update(times, tokens_per_s=sampled_tokens / max(rl_seconds, 1e-9), compiles=compiles.take())
         if step % config.save_every == 0 or step == config.steps:
           ckpts.save(step, trainer.state, stream.get_state())
         if log is not None:
