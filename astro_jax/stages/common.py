@@ -106,6 +106,16 @@ def load_problems(spec: str, key: str) -> list:
   return problems
 
 
+def load_input_problems(config: ml_collections.ConfigDict) -> list:
+  """The first `config.limit` problems of `config.input` (all when limit <= 0), each with a problem and an answer."""
+  problems = load_problems(config.input, "input")
+  for p in problems:
+    for field in ("problem", "answer"):
+      if not getattr(p, field).strip():
+        raise UserError(f"{config.input}: problem {p.id!r} has an empty {field!r}")
+  return problems[:config.limit] if config.limit > 0 else problems
+
+
 # --- checkpoint, tokenizer, mesh ----------------------------------------------------------------------------------
 
 def resolve_path(path: str, key: str = "checkpoint") -> Path:

@@ -125,13 +125,7 @@ def band(pass_rate: float, config: ml_collections.ConfigDict) -> str:
   return "kept" if pass_rate < config.keep_below else "too_easy"
 
 
-def load_problems(config: ml_collections.ConfigDict) -> list:
-  problems = common.load_problems(config.input, "input")
-  for p in problems:
-    for field in ("problem", "answer"):
-      if not getattr(p, field).strip():
-        raise UserError(f"{config.input}: problem {p.id!r} has an empty {field!r}")
-  return problems[:config.limit] if config.limit > 0 else problems
+load_problems = common.load_input_problems  # input + limit, every problem with an answer
 
 
 def problem_row(problem, samples: list[dict]) -> dict:

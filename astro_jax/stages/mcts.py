@@ -246,13 +246,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   common.check_verifier(config)
 
 
-def load_problems(config: ml_collections.ConfigDict) -> list:
-  problems = common.load_problems(config.input, "input")
-  for p in problems:
-    for field in ("problem", "answer"):
-      if not getattr(p, field).strip():
-        raise UserError(f"{config.input}: problem {p.id!r} has an empty {field!r}")
-  return problems[:config.limit] if config.limit > 0 else problems
+load_problems = common.load_input_problems  # input + limit, every problem with an answer
 
 
 def check_context(config, problems, tokenizer, max_positions: int) -> None:
