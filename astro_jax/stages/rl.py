@@ -225,11 +225,11 @@ def check(config: ml_collections.ConfigDict) -> None:
   common.check_verifier(config)
 
 
-def make_trainer(config: ml_collections.ConfigDict, model_cfg, sharder, loss_beta: float | None = None):
+def make_trainer(config: ml_collections.ConfigDict, model_cfg, sharder):
   """The trainer of this config: one optimizer update = rows_per_update rows of seq_len tokens, the RL loss."""
   from astro_jax.train import loop, rollouts
   L = config.loss
-  beta = L.beta if loss_beta is None else loss_beta
+  beta = L.beta
   temperature, max_len = config.sampling.temperature, config.sampling.max_new_tokens
 
   def loss_fn(cfg, run, shard, params, batch):
@@ -322,7 +322,8 @@ def run(config: ml_collections.ConfigDict) -> None:
     start_weights = checkpoint.load_model(ckpt, sharder=sharder).weights()
     if start == 0:
       trainer.load_params(start_weights)
-    ref_params = _reference(trainer, start_weights) if beta else None
+    # the frozen reference: the start weights in the trainer's compute dtype and param sharding
+    ref_params = trainer.placed(start_weights, trainer.run.jnp_dtype) if beta else None
     del start_weights
   ref_fn = jax.jit(lambda p, b: losses.sequence_logprobs(trainer.cfg, trainer.run, sharder, p, b,
                                                          chunk=config.loss_chunk,
@@ -399,7 +400,7 @@ def run(config: ml_collections.ConfigDict) -> None:
     """`minibatches` updates on disjoint parts of the step's rows; the metrics' sums, fetched."""
     order = np.random.default_rng([config.seed, step, 1]).permutation(n_rows)
     span, per = trainer.local_rows, rows_per_update(config)
-    sums: dict[str, float] = {}
+    sums = dict.fromkeys(_UPDATE_SUMS, 0.0)
     for m in range(config.minibatches):
       part = order[m * per:(m + 1) * per]
       local = {k: v[part][span] for k, v in rows.items()}
@@ -409,16 +410,11 @@ def run(config: ml_collections.ConfigDict) -> None:
         batch["ref_logprobs"] = ref_fn(ref_params, batch)
       trainer.state, device_metrics = trainer.step_fn(trainer.state, batch)
       got = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-      if not math.isfinite(got["loss"]) or not math.isfinite(got["grad_norm"]):
-        ckpts.wait()
-        good = (f"the last good checkpoint is step {ckpts.steps()[-1]} in {ckpts.directory}" if ckpts.steps()
-                else "no checkpoint was written")
-        raise loop.NonFiniteLoss(f"step {step}: loss is {got['loss']} (grad norm {got['grad_norm']}); training "
-                                 f"stopped, {good}")
+      loop.stop_if_not_finite(step, got["loss"], got["grad_norm"], ckpts, last_saved)
       if m == 0:
         sums["gap_first"], sums["tokens_first"] = got["logprob_gap"], got["tokens"]
-      for k in ("loss", "grad_norm", "tokens", "clipped", "entropy", "kl"):
-        sums[k] = sums.get(k, 0.0) + got[k]
+      for k in _UPDATE_SUMS:
+        sums[k] += got[k]
     return sums
 
   def evaluate(step: int, pool) -> dict:
@@ -437,6 +433,7 @@ def run(config: ml_collections.ConfigDict) -> None:
             row[f"{prefix}_{metric}"] = summary["metrics"][metric]["mean"]
     return row
 
+  last_saved = start if ckpts.steps() else None  # the last good checkpoint, named if a loss turns NaN
   log = metrics_lib.MetricsLog(out, start) if writer else None
   bar = tqdm(total=config.steps, initial=start, desc="rl", unit="step", disable=not writer, dynamic_ncols=True)
   executor = concurrent.futures.ThreadPoolExecutor(1, "verifier")
@@ -457,8 +454,7 @@ def run(config: ml_collections.ConfigDict) -> None:
           sums = train_on(batch_rows(kept, prompt_ids, n_rows, T, scale_std=config.loss.scale_std,
                                      mask_truncated=config.reward.overlong == "mask", pad_id=tokenizer.pad_id), step)
         else:  # no group had signal in any round: no update (Adam would still move the weights on zero gradients)
-          sums = dict.fromkeys(("loss", "grad_norm", "tokens", "clipped", "entropy", "kl", "gap_first",
-                                "tokens_first"), 0.0)
+          sums = dict.fromkeys(_UPDATE_SUMS + ("gap_first", "tokens_first"), 0.0)
         times["time_training"] = time.perf_counter() - t_train
         row = {"step": step, **_sample_metrics(sampled, writer), "groups": len(kept), "sampling_rounds": rounds,
                "finished_row_fraction": 1.0 - decoded[0] / max(decoded[1], 1),
@@ -478,6 +474,7 @@ def run(config: ml_collections.ConfigDict) -> None:
         row.update(times, tokens_per_s=sampled_tokens / max(rl_seconds, 1e-9), compiles=compiles.take())
         if step % config.save_every == 0 or step == config.steps:
           ckpts.save(step, trainer.state, stream.get_state())
+          last_saved = step
         if log is not None:
           log.write(row)
         bar.update(1)
@@ -500,6 +497,7 @@ def run(config: ml_collections.ConfigDict) -> None:
           f"{last['accuracy']:.3f} (step {last['step']}); run directory {out}")
 
 
+_UPDATE_SUMS = ("loss", "grad_norm", "tokens", "clipped", "entropy", "kl")  # summed over a step's updates
 RL_CURVES = (("reward_mean", "reward"), ("accuracy", "accuracy", "eval_pass@1"),
              ("response_length_mean", "response tokens", "eval_mean_response_tokens"),
              ("backtracks_per_response", "backtracks / response", "eval_mean_backtracks"),
@@ -533,27 +531,14 @@ def batch_rows(groups: list[Group], prompt_ids: dict[str, list[int]], n_rows: in
 def _sample_metrics(groups: list[Group], writer: bool) -> dict:
   """What the sampled responses of a step say (every group of every round)."""
   from astro_jax import prompts
+  from astro_jax.train.rollouts import has_signal
   completions = [c for g in groups for c in g.completions]
   lengths = np.asarray([len(c.token_ids) for c in completions])
   texts = [c.text for c in completions] if writer else []
   return {"reward_mean": float(np.mean(np.concatenate([g.rewards for g in groups]))),
           "accuracy": float(np.mean(np.concatenate([g.correct for g in groups]))),
-          "zero_signal_fraction": float(np.mean([not _signal(g) for g in groups])),
+          "zero_signal_fraction": float(np.mean([not has_signal(g.rewards) for g in groups])),
           "truncation_rate": float(np.mean([c.finish_reason == "length" for c in completions])),
           "response_length_mean": float(lengths.mean()), "response_length_max": int(lengths.max()),
           "backtracks_per_response": float(np.mean([prompts.count_backtracks(t) for t in texts])) if texts else 0.0,
           "reflections_per_response": float(np.mean([prompts.count_reflections(t) for t in texts])) if texts else 0.0}
-
-
-def _signal(g: Group) -> bool:
-  from astro_jax.train.rollouts import has_signal
-  return has_signal(g.rewards)
-
-
-def _reference(trainer, weights: dict) -> dict:
-  """The frozen reference (the start weights) in the trainer's compute dtype and param sharding."""
-  import jax
-  dtype = trainer.run.jnp_dtype
-  cast = jax.jit(lambda p: {k: v.astype(dtype) for k, v in p.items()},
-                 out_shardings=trainer.state_shardings["params"])
-  return cast({k: weights[k] for k in trainer.state_shardings["params"]})

@@ -34,6 +34,18 @@ class NonFiniteLoss(UserError):
   """The loss became NaN or infinite; the run stopped (its last good checkpoint is kept)."""
 
 
+def stop_if_not_finite(step: int, loss: float, grad_norm: float, ckpts: checkpoints_lib.Checkpoints,
+                       last_good: int | None) -> None:
+  """NonFiniteLoss naming the step and the last good checkpoint (after pending saves finish), unless both are
+  finite."""
+  if math.isfinite(loss) and math.isfinite(grad_norm):
+    return
+  ckpts.wait()
+  good = (f"the last good checkpoint is step {last_good} in {ckpts.directory}" if last_good is not None
+          else "no checkpoint was written")
+  raise NonFiniteLoss(f"step {step}: loss is {loss} (grad norm {grad_norm}); training stopped, {good}")
+
+
 def local_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> slice:
   """The rows of a [B, ...] global array that this process's devices hold (one contiguous block)."""
   spans = sorted({(i[0].start or 0, shape[0] if i[0].stop is None else i[0].stop)
@@ -138,13 +150,15 @@ class Trainer:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
                         self.state_shardings)
 
-  def load_params(self, params: dict) -> None:
-    """Step 0: the start weights (cast to the master dtype, in the train sharding) and a fresh optimizer."""
-    dtype = self.cfg.jnp_param_dtype
+  def placed(self, params: dict, dtype) -> dict:
+    """The model's weights of `params`, cast to `dtype`, in the train sharding."""
     cast = jax.jit(lambda p: {k: v.astype(dtype) for k, v in p.items()},
                    out_shardings=self.state_shardings["params"])
-    self.state = step_lib.init_state(cast({k: params[k] for k in weight_specs(self.cfg)}), self.tx,
-                                     self.state_shardings)
+    return cast({k: params[k] for k in weight_specs(self.cfg)})
+
+  def load_params(self, params: dict) -> None:
+    """Step 0: the start weights (cast to the master dtype, in the train sharding) and a fresh optimizer."""
+    self.state = step_lib.init_state(self.placed(params, self.cfg.jnp_param_dtype), self.tx, self.state_shardings)
 
   def start_or_resume(self, config: ml_collections.ConfigDict, out: Path, record, loader) -> tuple[
       checkpoints_lib.Checkpoints, int]:
@@ -215,12 +229,7 @@ class Trainer:
       now = time.perf_counter()
       seconds, clock[0] = now - clock[0], now
       loss = float(m["loss"])
-      if not math.isfinite(loss) or not math.isfinite(float(m["grad_norm"])):
-        ckpts.wait()
-        good = (f"the last good checkpoint is step {last_good} in {ckpts.directory}" if last_good is not None
-                else "no checkpoint was written")
-        raise NonFiniteLoss(f"step {s}: loss is {loss} (grad norm {float(m['grad_norm'])}); training stopped, "
-                            f"{good}")
+      stop_if_not_finite(s, loss, float(m["grad_norm"]), ckpts, last_good)
       tps = tokens_per_step / max(seconds, 1e-9)
       row = {"step": s, "loss": loss, "grad_norm": float(m["grad_norm"]), "lr": float(self.schedule(s - 1)),
              "tokens_per_s": tps, "mfu": metrics.mfu(tps, flops_per_token, n_devices, self.peak_flops),
