@@ -71,3 +71,15 @@ def smollm2_hf_dir() -> Path:
   if not (out / "config.json").exists():  # absent (or not a checkpoint): (re)create it
     export_gguf_to_hf(smollm2_gguf_path(), out, overwrite=True)
   return out
+
+
+ASSET_PREFIX = "asset:"
+ASSET_DIRS = {"smollm2": smollm2_hf_dir, "llama3_tokenizer": llama3_tokenizer_dir}  # `asset:NAME` -> its directory
+
+
+def resolve(spec: str) -> Path:
+  """The directory of `asset:NAME`; an unknown name is a KeyError, an asset not installed a FileNotFoundError."""
+  name = spec[len(ASSET_PREFIX):] if spec.startswith(ASSET_PREFIX) else spec
+  if name not in ASSET_DIRS:
+    raise KeyError(f"unknown asset {spec!r}; known: {', '.join(ASSET_PREFIX + k for k in ASSET_DIRS)}")
+  return Path(ASSET_DIRS[name]())

@@ -5,7 +5,9 @@ devices hold, straight from memory-mapped safetensors (peak host memory about on
 multi-host). Model -> HF: tensors are produced one at a time and streamed into sharded safetensors files.
 An Orbax checkpoint directory holds `params/` (Orbax), `model_config.json`, when known `tokenizer/`, and when
 converted from HF the source's `hf_config.json` / `generation_config.json` (so HF -> Orbax -> HF keeps every
-config field); it restores onto any mesh.
+config field); it restores onto any mesh. A training run's step (`RUN/checkpoints/<step>`, written by sft or rl)
+is a checkpoint too: its params (never its optimizer state) with the architecture, HF config files and tokenizer of
+the run's start checkpoint, which `RUN/run_config.json` names.
 
 Readers validate before reading weights (`inspect_checkpoint`: headers, configs, Orbax metadata) and name the
 file and what is wrong. Writers refuse an existing output unless `overwrite`, write into a temporary sibling
@@ -321,7 +323,8 @@ def validate_hf_checkpoint(hf_dir: str | os.PathLike, cfg: ModelConfig,
 # --- checkpoint kinds and the cheap check before loading ------------------------------------------------------
 
 def checkpoint_kind(path: str | os.PathLike) -> str:
-  """"orbax" or "hf"; a missing path or a directory of neither kind is a CheckpointNotFoundError."""
+  """"orbax", "hf" or "train" (a training run's step, RUN/checkpoints/<step>); a missing path or a directory of
+  none of these kinds is a CheckpointNotFoundError (a run directory or its checkpoints/: naming the steps)."""
   path = Path(path)
   if not path.exists():
     raise CheckpointNotFoundError(f"checkpoint {path} does not exist")
@@ -329,30 +332,47 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
     raise CheckpointError(f"checkpoint {path} is a file; expected a checkpoint directory")
   if (path / "model_config.json").exists() or (path / "params").exists():
     return "orbax"
+  if _is_train_step(path):
+    if _ORBAX_TMP in path.name:
+      raise CheckpointError(f"{path} is an unfinished checkpoint save; name a finished step, "
+                            f"{path.parent}/<step> ({_steps_present(path.parent)})")
+    return "train"
   if (path / "config.json").exists() or any(path.glob("*.safetensors")):
     return "hf"
-  raise CheckpointNotFoundError(f"{path} is neither an Orbax checkpoint (model_config.json + params/) "
-                                f"nor a HF checkpoint (config.json + *.safetensors)")
+  not_a_step = _run_dir_problem(path)
+  if not_a_step:
+    raise CheckpointNotFoundError(not_a_step)
+  raise CheckpointNotFoundError(f"{path} is neither an Orbax checkpoint (model_config.json + params/), a HF "
+                                f"checkpoint (config.json + *.safetensors) nor a training run's step "
+                                f"(RUN/checkpoints/<step>)")
 
 
-def _expect_kind(path: Path, kind: str) -> None:
+_KIND_NAMES = {"orbax": "an Orbax checkpoint", "hf": "a HF checkpoint", "train": "a training run's checkpoint"}
+
+
+def _expect_kind(path: Path, *kinds: str) -> str:
   found = checkpoint_kind(path)
-  if found != kind:
-    names = {"orbax": "an Orbax checkpoint", "hf": "a HF checkpoint"}
-    raise CheckpointError(f"{path} is {names[found]}, expected {names[kind]}")
+  if found not in kinds:
+    raise CheckpointError(f"{path} is {_KIND_NAMES[found]}, expected {' or '.join(_KIND_NAMES[k] for k in kinds)}")
+  return found
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> ModelConfig:
-  """Validate a checkpoint of either kind without reading weights; return its model config.
+  """Validate a checkpoint of any kind without reading weights; return its model config.
 
   HF: config.json, every safetensors header (against the file's size) and every tensor's shape and dtype.
   Orbax: model_config.json, the stored config files, and params/ metadata against the expected shapes/dtypes.
+  Train (RUN/checkpoints/<step>): the start checkpoint's configs (named in RUN/run_config.json), and the state's
+  params metadata against them (param_dtype: the stored one).
   """
   path = Path(path)
-  if checkpoint_kind(path) == "orbax":
+  kind = checkpoint_kind(path)
+  if kind == "train":
+    return _inspect_train(path)
+  if kind == "orbax":
     cfg = load_orbax_config(path)
     hf_extras(path)
-    _check_orbax_params(path, cfg, _orbax_metadata(_orbax_params(path)))
+    _check_orbax_params(path / "params", cfg, _orbax_metadata(_orbax_params(path)))
     return cfg
   _, cfg = _hf_config(path)
   validate_hf_checkpoint(path, cfg)
@@ -565,8 +585,13 @@ def load_orbax_config(ckpt_dir: str | os.PathLike) -> ModelConfig:
 
 
 def hf_extras(ckpt_dir: str | os.PathLike) -> tuple[dict | None, dict | None]:
-  """The source HF checkpoint's config.json and generation_config.json kept in an Orbax checkpoint, if any."""
-  paths = (Path(ckpt_dir) / HF_CONFIG_FILE, Path(ckpt_dir) / GENERATION_CONFIG_FILE)
+  """The HF config.json and generation_config.json that go with a checkpoint, if any: a HF checkpoint's own, the
+  source's kept in an Orbax checkpoint, a training run's step: its start checkpoint's."""
+  path = Path(ckpt_dir)
+  if _is_train_step(path):
+    path = train_root(path)
+  hf_name = "config.json" if checkpoint_kind(path) == "hf" else HF_CONFIG_FILE
+  paths = (path / hf_name, path / GENERATION_CONFIG_FILE)
   hf, generation = (_read_json(p) if p.exists() else None for p in paths)
   return hf, generation
 
@@ -656,9 +681,11 @@ def _orbax_metadata(params: Path) -> dict[str, Any]:
     raise CheckpointError(f"{params}: Orbax metadata is not a flat tree of arrays") from None
 
 
-def _check_orbax_params(ckpt_dir: Path, cfg: ModelConfig, found: dict[str, Any]) -> None:
-  """params/ holds exactly the model's weights, each with its shape and param_dtype."""
-  where, want_dtype = Path(ckpt_dir) / "params", np.dtype(cfg.jnp_param_dtype)
+def _check_orbax_params(where: Path | str, cfg: ModelConfig, found: dict[str, Any], *,
+                        dtype_from: str = "model_config.json", config_from: str = "model_config.json") -> None:
+  """The Orbax tree at `where` holds exactly the model's weights, each with its shape and param_dtype
+  (`dtype_from`, `config_from`: where the expected dtype and the config come from, for the messages)."""
+  want_dtype = np.dtype(cfg.jnp_param_dtype)
   expected = {name: shape for name, (shape, _) in weight_specs(cfg).items()}
   for name, shape in expected.items():
     if name not in found:
@@ -667,25 +694,33 @@ def _check_orbax_params(ckpt_dir: Path, cfg: ModelConfig, found: dict[str, Any])
     if got_shape is None or got_dtype is None:
       raise CheckpointError(f"{where}: {name} is not an array ({type(found[name]).__name__})")
     if tuple(got_shape) != tuple(shape):
-      raise CheckpointError(f"{where}: tensor {name}: expected shape {tuple(shape)}, found {tuple(got_shape)}")
+      raise CheckpointError(f"{where}: tensor {name}: expected shape {tuple(shape)}, found {tuple(got_shape)} "
+                            f"({config_from})")
     if np.dtype(got_dtype) != want_dtype:
-      raise CheckpointError(f"{where}: tensor {name}: expected dtype {want_dtype} (model_config.json), "
+      raise CheckpointError(f"{where}: tensor {name}: expected dtype {want_dtype} ({dtype_from}), "
                             f"found {np.dtype(got_dtype)}")
   unexpected = sorted(set(found) - set(expected))
   if unexpected:
-    raise CheckpointError(f"{where}: unexpected tensors {unexpected[:5]} (model_config.json: "
+    raise CheckpointError(f"{where}: unexpected tensors {unexpected[:5]} ({config_from}: "
                           f"tie_embeddings={cfg.tie_embeddings})")
 
 
 def load_orbax_model(ckpt_dir: str | os.PathLike, *, sharder: Sharder | None = None, run: Execution = Execution(),
                      **cfg_overrides) -> Llama:
   """Restore an Orbax checkpoint onto `sharder`'s mesh (any mesh shape) or one device."""
-  import orbax.checkpoint as ocp
   ckpt_dir = Path(ckpt_dir).absolute()
   _expect_kind(ckpt_dir, "orbax")
   cfg = load_orbax_config(ckpt_dir).replace(**cfg_overrides)
   params = _orbax_params(ckpt_dir)
-  _check_orbax_params(ckpt_dir, cfg, _orbax_metadata(params))
+  _check_orbax_params(params, cfg, _orbax_metadata(params))
+  return _restore_model(params, cfg, sharder, run)
+
+
+def _restore_model(directory: Path, cfg: ModelConfig, sharder: Sharder | None, run: Execution,
+                   subtree: str | None = None) -> Llama:
+  """The model whose weights are the Orbax tree at `directory` (`subtree`: only its entry of that name, the rest
+  never read), restored straight into the model's shardings on `sharder`'s mesh (or one device)."""
+  import orbax.checkpoint as ocp
   graphdef, abs_state = nnx.split(abstract_model(cfg, sharder, run))
   if sharder is None:
     shardings = jax.tree.map(lambda _: _default_sharding(None, None, None), abs_state, is_leaf=_is_variable)
@@ -695,8 +730,15 @@ def load_orbax_model(ckpt_dir: str | os.PathLike, *, sharder: Sharder | None = N
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, shardings,
                         is_leaf=_is_variable)
   target = nnx.to_pure_dict(target)
-  with ocp.StandardCheckpointer() as ckptr, _orbax_errors(params):
-    restored = ckptr.restore(params, target)
+  if subtree is None:
+    with ocp.StandardCheckpointer() as ckptr, _orbax_errors(directory):
+      restored = ckptr.restore(directory, target)
+  else:
+    item = {subtree: target}
+    args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                  partial_restore=True)
+    with ocp.PyTreeCheckpointer() as ckptr, _orbax_errors(directory):
+      restored = ckptr.restore(directory, args=args)[subtree]
   nnx.replace_by_pure_dict(abs_state, restored)
   return nnx.merge(graphdef, abs_state)
 
@@ -707,18 +749,157 @@ def _is_variable(x) -> bool:
 
 def load_model(path: str | os.PathLike, *, sharder: Sharder | None = None, run: Execution = Execution(),
                **cfg_overrides) -> Llama:
-  """Either checkpoint kind: an Orbax directory written by `save_orbax`, or a HF directory."""
-  if checkpoint_kind(path) == "orbax":
+  """Any checkpoint kind: an Orbax directory written by `save_orbax`, a HF directory, or a training run's step."""
+  kind = checkpoint_kind(path)
+  if kind == "orbax":
     return load_orbax_model(path, sharder=sharder, run=run, **cfg_overrides)
+  if kind == "train":
+    return load_train_model(path, sharder=sharder, run=run, **cfg_overrides)
   return load_hf_model(path, sharder=sharder, run=run, **cfg_overrides)
 
 
 def tokenizer_dir_of(path: str | os.PathLike) -> Path | None:
-  """Where a checkpoint keeps its tokenizer files, if it does."""
+  """Where a checkpoint keeps its tokenizer files, if it does (a training run's step: the run's tokenizer, else its
+  start checkpoint's)."""
+  if _is_train_step(Path(path)):
+    return _train_tokenizer_dir(Path(path))
   for cand in (Path(path) / "tokenizer", Path(path)):
     if any((cand / f).exists() for f in TOKENIZER_FILES[:2]):
       return cand
   return None
+
+
+# --- a training run's step (RUN/checkpoints/<step>) as a checkpoint -------------------------------------------------
+
+RUN_CONFIG_FILE = "run_config.json"  # in a training run's directory: its settings, with its start checkpoint
+_ORBAX_TMP = ".orbax-checkpoint-tmp"  # Orbax writes step N to N.orbax-checkpoint-tmp, renamed when complete
+_MAX_CHAIN = 32  # start checkpoints followed (a run started from a step of a run started from a step ...)
+
+
+def _is_train_step(path: Path) -> bool:
+  return (path / "state").is_dir() or (path / "_CHECKPOINT_METADATA").is_file()
+
+
+def _run_steps(checkpoints: Path) -> list[int]:
+  return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _holds_steps(checkpoints: Path) -> bool:
+  return any(_is_train_step(checkpoints / str(step)) for step in _run_steps(checkpoints))
+
+
+def _steps_present(checkpoints: Path) -> str:
+  steps = _run_steps(checkpoints) if checkpoints.is_dir() else []
+  return f"steps present: {', '.join(map(str, steps))}" if steps else "no finished step is present"
+
+
+def _run_dir_problem(path: Path) -> str | None:
+  """For a training run's directory or its checkpoints/ (named where a step is wanted): what to name instead."""
+  if (path / "checkpoints").is_dir() and ((path / RUN_CONFIG_FILE).is_file() or _holds_steps(path / "checkpoints")):
+    checkpoints, what = path / "checkpoints", "a training run's directory"
+  elif path.name == "checkpoints" and ((path.parent / RUN_CONFIG_FILE).is_file() or _holds_steps(path)):
+    checkpoints, what = path, "a training run's checkpoints directory"
+  else:
+    return None
+  return (f"{path} is {what}, not a checkpoint: name one of its steps, {checkpoints}/<step> "
+          f"({_steps_present(checkpoints)})")
+
+
+def _recorded_input(step: Path, key: str) -> tuple[Path, str]:
+  """(RUN/run_config.json, the spec it records for input `key`: a path, `asset:NAME` or "") of a run's step."""
+  path = step.absolute().parent.parent / RUN_CONFIG_FILE
+  if not path.is_file():
+    raise CheckpointNotFoundError(f"{step} is a training run's step, but {path} is missing (it names the run's "
+                                  f"start checkpoint, whose model config and tokenizer the step needs)")
+  value = _read_json(path).get(key, "")
+  if isinstance(value, dict):  # {"path": ..., fingerprint} or {"asset": "asset:NAME", fingerprint}
+    value = value.get("asset") or value.get("path") or ""
+  if not isinstance(value, str):
+    raise CheckpointError(f"{path}: {key!r} is {value!r:.200}; expected a path or an asset name")
+  return path, value
+
+
+def _resolve_recorded(run_config: Path, key: str, spec: str) -> Path:
+  """The directory of a recorded input (`asset:NAME` or a path); a missing one is a CheckpointNotFoundError."""
+  from astro_jax import assets
+  if spec.startswith(assets.ASSET_PREFIX):
+    try:
+      return assets.resolve(spec)
+    except (KeyError, FileNotFoundError) as e:
+      raise CheckpointNotFoundError(f"{run_config}: {key} {spec}: {e.args[0] if e.args else e}") from None
+  if not Path(spec).exists():
+    raise CheckpointNotFoundError(f"{run_config}: the run's {key} {spec} does not exist (its steps need it)")
+  return Path(spec)
+
+
+def train_source(step: str | os.PathLike) -> Path:
+  """The start checkpoint of the run that wrote `step` (RUN/checkpoints/<step>), as RUN/run_config.json names it."""
+  run_config, spec = _recorded_input(Path(step), "checkpoint")
+  if not spec:
+    raise CheckpointError(f"{run_config}: no start checkpoint is recorded (key 'checkpoint')")
+  return _resolve_recorded(run_config, "start checkpoint", spec)
+
+
+def train_root(step: str | os.PathLike) -> Path:
+  """The first of a step's start checkpoints (following runs started from steps of other runs) that is an Orbax
+  or HF checkpoint: where its model config, HF config files and tokenizer come from."""
+  chain = [Path(step).absolute()]
+  source = train_source(step)
+  while checkpoint_kind(source) == "train":
+    if source.absolute() in chain or len(chain) > _MAX_CHAIN:
+      raise CheckpointError(f"{step}: its start checkpoints form a cycle or a chain of over {_MAX_CHAIN} runs: "
+                            f"{' -> '.join(map(str, chain[:4]))} -> ...")
+    chain.append(source.absolute())
+    source = train_source(source)
+  return source
+
+
+def _train_params_metadata(step: Path) -> tuple[Path, dict[str, Any]]:
+  """(state/, name -> array metadata of the state's params) of a run's step, from Orbax's metadata alone."""
+  state = step / "state"
+  if not state.is_dir():
+    raise CheckpointNotFoundError(f"{state} is missing (a training run's step holds state/: params, optimizer "
+                                  f"state and step)")
+  params = _orbax_metadata(state).get("params")
+  if not isinstance(params, dict):
+    raise CheckpointError(f"{state}: the train state holds no params tree")
+  return state, params
+
+
+def _inspect_train(step: Path) -> ModelConfig:
+  """A run's step: its start checkpoint's config (param_dtype: the stored one), checked against the state's params
+  metadata."""
+  root = train_root(step)
+  orbax = checkpoint_kind(root) == "orbax"
+  cfg = load_orbax_config(root) if orbax else _hf_config(root)[1]
+  hf_extras(root)
+  state, found = _train_params_metadata(step)
+  dtype = getattr(found.get("embed"), "dtype", None)
+  if dtype is not None:
+    cfg = cfg.replace(param_dtype=np.dtype(dtype).name)
+  config_file = root / ("model_config.json" if orbax else "config.json")
+  _check_orbax_params(f"{state} (params)", cfg, found, dtype_from="the dtype of embed",
+                      config_from=f"the run's start checkpoint {config_file}")
+  return cfg
+
+
+def load_train_model(step: str | os.PathLike, *, sharder: Sharder | None = None, run: Execution = Execution(),
+                     **cfg_overrides) -> Llama:
+  """The params of a training run's step (the optimizer state is never read), restored onto `sharder`'s mesh (any
+  mesh shape) or one device; the architecture is the run's start checkpoint's."""
+  step = Path(step).absolute()
+  _expect_kind(step, "train")
+  cfg = _inspect_train(step).replace(**cfg_overrides)
+  return _restore_model(step / "state", cfg, sharder, run, subtree="params")
+
+
+def _train_tokenizer_dir(step: Path) -> Path | None:
+  """The tokenizer a run trained with: the one it was given (run_config.json), else its start checkpoint's."""
+  run_config, spec = _recorded_input(step, "tokenizer")
+  if spec:
+    return _resolve_recorded(run_config, "tokenizer", spec)
+  train_root(step)  # the chain is sound (no cycle) before it is followed
+  return tokenizer_dir_of(train_source(step))
 
 
 # --- conversions (tools and the `convert` stage) -----------------------------------------------------------------
@@ -740,13 +921,14 @@ def convert_hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *
 def convert_orbax_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                         tokenizer_dir: str | os.PathLike | None = None, max_shard_bytes: int = 5 * 2**30,
                         overwrite: bool = False) -> Path:
-  """Orbax -> HF; config.json is the source's (when the checkpoint came from HF) updated by our fields."""
+  """Orbax (or a training run's step) -> HF; config.json is the source's (when the checkpoint came from HF, or
+  its run started from a HF checkpoint) updated by our fields."""
   ckpt_dir = Path(ckpt_dir)
   prepare_output(out_dir, overwrite)
-  _expect_kind(ckpt_dir, "orbax")
+  _expect_kind(ckpt_dir, "orbax", "train")
   if tokenizer_dir is not None:
     _tokenizer_files(Path(tokenizer_dir))
   source, generation = hf_extras(ckpt_dir)
-  model = load_orbax_model(ckpt_dir)
+  model = load_model(ckpt_dir)
   return save_hf(model, out_dir, tokenizer_dir=tokenizer_dir or tokenizer_dir_of(ckpt_dir),
                  max_shard_bytes=max_shard_bytes, hf_config=source, generation_config=generation, overwrite=overwrite)

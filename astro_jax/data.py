@@ -60,21 +60,40 @@ def problem_from_row(row: Any) -> Problem:
   return Problem(**known, extra={k: v for k, v in row.items() if k not in known})
 
 
-def load_jsonl(path: str | os.PathLike) -> list[Problem]:
-  """Problems from a JSONL file. Blank lines are skipped; anything malformed raises DataError at `file:line`."""
+def decode_line(line: bytes) -> str:
+  """One line of a text file as str; ValueError "not UTF-8 text (...)" naming the first bad byte and its column."""
+  try:
+    return line.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1}: {e.reason})") from None
+
+
+def parse_json_line(line: bytes) -> Any:
+  """The JSON value of one JSONL line; ValueError with the reason (not UTF-8 text, invalid JSON)."""
+  text = decode_line(line)
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"invalid JSON: {e.msg} (column {e.colno})") from None
+
+
+def load_jsonl(path: str | os.PathLike, *, nonblank: tuple[str, ...] = ()) -> list[Problem]:
+  """Problems from a JSONL file. Blank lines are skipped; anything malformed raises DataError at `file:line`, as
+  does a problem whose fields `nonblank` (of problem, answer, ...) are empty or only whitespace."""
   problems: list[Problem] = []
   first_line: dict[str, int] = {}
-  with open(path, encoding="utf-8") as f:
+  with open(path, "rb") as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue
       where = f"{os.fspath(path)}:{lineno}"
       try:
-        problem = problem_from_row(json.loads(line))
-      except json.JSONDecodeError as e:
-        raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+        problem = problem_from_row(parse_json_line(line))
       except ValueError as e:
         raise DataError(f"{where}: {e}") from None
+      for field in nonblank:
+        if not str(getattr(problem, field) or "").strip():
+          raise DataError(f"{where}: problem {problem.id!r} has an empty {field!r}")
       if problem.id in first_line:
         raise DataError(f"{where}: duplicate id {problem.id!r} (first on line {first_line[problem.id]})")
       first_line[problem.id] = lineno
@@ -82,14 +101,15 @@ def load_jsonl(path: str | os.PathLike) -> list[Problem]:
   return problems
 
 
-def load_benchmark(name_or_path: str | os.PathLike) -> list[Problem]:
-  """A bundled benchmark by name (math500, amc23, aime24, gsm8k = GSM8K test), else a local JSONL file."""
+def load_benchmark(name_or_path: str | os.PathLike, *, nonblank: tuple[str, ...] = ()) -> list[Problem]:
+  """A bundled benchmark by name (math500, amc23, aime24, gsm8k = GSM8K test), else a local JSONL file (see
+  `load_jsonl` for `nonblank`)."""
   if isinstance(name_or_path, str) and name_or_path in BENCHMARKS:
     with resources.as_file(resources.files("astro_jax") / "datasets" / BENCHMARKS[name_or_path]) as path:
-      return load_jsonl(path)
+      return load_jsonl(path, nonblank=nonblank)
   if not Path(name_or_path).is_file():
     raise FileNotFoundError(f"{name_or_path!r} is neither a bundled benchmark {sorted(BENCHMARKS)} nor a file")
-  return load_jsonl(name_or_path)
+  return load_jsonl(name_or_path, nonblank=nonblank)
 
 
 def _dumps(row: Mapping[str, Any]) -> str:
@@ -152,12 +172,12 @@ def read_jsonl_lines(path: str | os.PathLike, *, missing_ok: bool = False,
     if not line.strip():
       continue
     try:
-      row = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      row = parse_json_line(line)
+    except ValueError as e:  # not UTF-8 (a character cut by a torn write, too) or invalid JSON
       if torn_tail_ok and lineno == len(lines):
         logger.warning("%s:%d: dropping torn last line (%d bytes)", os.fspath(path), lineno, len(line))
         break
-      raise DataError(f"{os.fspath(path)}:{lineno}: invalid JSON: {e}") from None
+      raise DataError(f"{os.fspath(path)}:{lineno}: {e}") from None
     if not isinstance(row, dict):
       raise DataError(f"{os.fspath(path)}:{lineno}: expected a JSON object, got {type(row).__name__}")
     rows.append((lineno, row))

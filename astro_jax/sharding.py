@@ -137,7 +137,7 @@ def state_shardings(state: Any, sharder: Sharder) -> Any:
 def maybe_initialize_distributed(enabled: bool, coordinator_address: str | None = None,
                                  num_processes: int | None = None, process_id: int | None = None) -> None:
   """Multi-host start: one program per host, joined by JAX's runtime (args may come from the cluster env)."""
-  if not enabled:
+  if not enabled or _distributed_started():
     return
   kwargs = {k: v for k, v in dict(coordinator_address=coordinator_address, num_processes=num_processes,
                                   process_id=process_id).items() if v not in (None, "", -1)}
@@ -145,6 +145,11 @@ def maybe_initialize_distributed(enabled: bool, coordinator_address: str | None 
   jax.distributed.initialize(**kwargs)
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _distributed_started() -> bool:
+  from jax._src import distributed
+  return distributed.global_state.client is not None
 
 
 def enable_compilation_cache(directory: str) -> None:

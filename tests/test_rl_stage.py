@@ -6,7 +6,9 @@
   SIGKILLed between checkpoints and resumed gives the uninterrupted run's metrics and weights bit for bit;
 - after the first step (and the first eval) no program is compiled again: the sampler takes the trainer's weights
   each step with the same program, and dynamic sampling keeps every shape fixed;
-- rewards, advantages, the overlong mask and the padded rows of a short batch, against hand computations.
+- rewards, advantages, the overlong mask and the padded rows of a short batch, against hand computations;
+- a broken model stops the run with one line: NaN sampled log-probs or non-finite weights at once, steps that
+  keep no group after max_empty_steps; nothing of the broken state is saved or exported.
 """
 from __future__ import annotations
 
@@ -298,11 +300,54 @@ def test_shipped_small_configs_pass_the_stage_checks(path):
   rl.check(config)
 
 
-def test_a_nan_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(toy, tmp_path, compile_cache):
+@pytest.mark.parametrize("lr, match", [
+    # lr 1e12: step 1's update leaves finite weights ~1e12 whose logits overflow: step 2 samples NaN log-probs
+    # (all its groups all wrong, so without the check every later step trained on nothing and the run exported);
+    # checkpoint 1 holds those weights: it goes, so that resume=true cannot replay them
+    (1e12, r"step 2: the sampler's log-probs are not finite \(128 of 128 sampled tokens.*; checkpoint 1 holds the "
+           r"weights that gave it and was deleted; training stopped, no checkpoint is left in "),
+    # lr 1e39 is inf in float32: step 1's loss and gradients are finite, its updated weights are not
+    (1e39, r"step 1: the updated weights are not finite \(loss .*; training stopped, no checkpoint was written")],
+    ids=["nan_logprobs", "inf_weights"])
+def test_a_broken_model_stops_the_run_naming_the_step_and_the_last_good_checkpoint(toy, tmp_path, compile_cache,
+                                                                                   capsys, lr, match):
+  """Non-finite log-probs or weights stop the run as a NaN loss does (one line; no checkpoint or HF export of
+  the broken state); a broken model's sampled log-probs are NaN before any loss is."""
+  from astro_jax import main
   from astro_jax.stages import rl
   from astro_jax.train.loop import NonFiniteLoss
-  out = tmp_path / "nan"
-  with pytest.raises(NonFiniteLoss, match=r"step 2: loss is nan .* the last good checkpoint is step 1 in "):
-    rl.run(rl_config(toy, out, steps=4, save_every=1, compile_cache_dir=compile_cache,
-                     **{"optimizer.lr": 1e30, "optimizer.clip_norm": 0.0}))
-  assert finalized(out) == [1] and [r["step"] for r in rows(out)] == [1]
+  out = tmp_path / "broken"
+  with pytest.raises(NonFiniteLoss, match=match) as error:
+    rl.run(rl_config(toy, out, steps=6, save_every=1, export_hf=True, compile_cache_dir=compile_cache,
+                     **{"optimizer.lr": lr}))
+  step = int(str(error.value).split(":")[0].removeprefix("step "))
+  assert [r["step"] for r in rows(out)] == list(range(1, step)) and finalized(out) == []
+  assert not (out / "hf").exists()
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_:  # what main does with it
+    main.fail(error.value)
+  assert exit_.value.code == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"error: step {step}: "), lines
+
+
+def test_steps_without_a_reward_signal_stop_the_run_after_max_empty_steps(toy, tmp_path, compile_cache):
+  """A healthy model on problems it cannot solve (no answer token boxes "42"): every group is all wrong, dynamic
+  sampling drops them all, and the run stops after max_empty_steps such steps, their rows written."""
+  from astro_jax.stages import rl
+  _, prompts = toy
+  unsolvable = tmp_path / "unsolvable.jsonl"
+  unsolvable.write_text("".join(json.dumps({**json.loads(line), "answer": "42"}) + "\n"
+                                for line in prompts.read_text().splitlines()))
+  out = tmp_path / "empty"
+  with pytest.raises(UserError, match=r"^step 2: no group with a reward signal for 2 steps in a row \(all right or "
+                                      r"all wrong\); the model may be broken; training stopped, the last good "
+                                      r"checkpoint is step 1 in "):
+    rl.run(rl_config(toy, out, prompts=str(unsolvable), steps=6, save_every=1, max_empty_steps=2, export_hf=True,
+                     compile_cache_dir=compile_cache))
+  got = rows(out)
+  assert [r["step"] for r in got] == [1, 2] and all(r["groups"] == 0 and r["accuracy"] == 0 for r in got)
+  assert all(r["zero_signal_fraction"] == 1.0 and r["sampling_rounds"] == 3 for r in got)
+  assert finalized(out) == [1] and not (out / "hf").exists()
+  with pytest.raises(ConfigError, match="'max_empty_steps' = 0"):
+    rl.check(rl_config(toy, tmp_path / "x", max_empty_steps=0))

@@ -245,9 +245,9 @@ def test_a_run_writes_every_output(reference, tiny_checkpoint):
   assert scalars["train/loss"] == {r["step"]: pytest.approx(r["loss"]) for r in got}
   assert sorted(scalars["eval/loss"]) == [4, 8]
   counts = json.loads((reference / "data_counts.json").read_text())
-  assert counts == {"rows": 12, "kept": 12, "truncated": 12, "dropped": 0, "skipped": 0, "tokens": 12 * 128,
-                    "target_tokens": 12 * 127, "train_examples": 10, "held_out_examples": 2, "packed_rows": 10,
-                    "steps": 8, "steps_per_epoch": 2}
+  assert counts == {"rows": 12, "kept": 12, "truncated": 12, "dropped": 0, "skipped": 0, "duplicates": 0,
+                    "tokens": 12 * 128, "target_tokens": 12 * 127, "train_examples": 10, "held_out_examples": 2,
+                    "packed_rows": 10, "steps": 8, "steps_per_epoch": 2}
   assert json.loads((reference / "run_config.json").read_text())["optimizer"]["lr"] == 3e-3
 
   # hf/ loads with transformers, and gives the logits of the last checkpoint's params.
@@ -320,16 +320,15 @@ def test_a_nan_loss_stops_the_run_at_its_step(tiny_checkpoint, tmp_path, capsys)
   with pytest.raises(NonFiniteLoss) as error:
     run_sft(cfg)
   assert [r["step"] for r in rows(out)] == [1] and math.isfinite(rows(out)[0]["loss"])
-  assert listing(out) == ["1"]  # no checkpoint of a NaN state
-  import jax
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(restore_state(out / "checkpoints" / "1")))
+  assert listing(out) == []  # checkpoint 1 held the weights that gave step 2's NaN loss: deleted
   capsys.readouterr()
   with pytest.raises(SystemExit) as exit_:  # what main does with it
     main.fail(error.value)
   assert exit_.value.code == 2
   lines = capsys.readouterr().err.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: step 2: loss is nan"), lines
-  assert f"last good checkpoint is step 1 in {out / 'checkpoints'}" in lines[0]
+  assert f"checkpoint 1 holds the weights that gave it and was deleted; training stopped, no checkpoint is left " \
+         f"in {out / 'checkpoints'}" in lines[0]
 
 
 # --- 5. refusals before any work ---------------------------------------------------------------------------------
@@ -362,8 +361,8 @@ def test_a_run_directory_is_refused_without_resume_or_overwrite(reference, tiny_
   before = snapshot(out)
   with pytest.raises(UserError, match="holds a run; pass --config.resume=true .* --config.overwrite=true"):
     run_sft(config(tiny_checkpoint, out))
-  with pytest.raises(UserError, match=r"optimizer\.lr: 0\.003 -> now 0\.001"):
-    run_sft(config(tiny_checkpoint, out, resume=True, **{"optimizer.lr": 1e-3}))
+  with pytest.raises(UserError, match=r"optimizer\.b1: 0\.9 -> now 0\.8"):  # (the lr may change: test_run_safety)
+    run_sft(config(tiny_checkpoint, out, resume=True, **{"optimizer.b1": 0.8}))
   with pytest.raises(UserError, match=r"grad_accum: 1 -> now 2"):
     run_sft(config(tiny_checkpoint, out, resume=True, grad_accum=2))
   assert snapshot(out) == before

@@ -197,6 +197,7 @@ def test_tiny_model_memorises_four_examples():
   for _ in range(150):
     state, m = step(state, batch)
     history.append(float(m["loss"]))
+    assert bool(m["params_finite"])
     if history[-1] < 0.05:
       break
   print(f"memorised in {len(history)} steps: {history[0]:.3f} -> {history[-1]:.4f}")

@@ -151,7 +151,8 @@ def test_bad_row_names_file_and_line(tmp_path, smollm2_tok, bad, why):
 
 
 def test_skip_counts_bad_rows(tmp_path, smollm2_tok):
-  path = write_rows(tmp_path / "mixed.jsonl", [GOOD, *(b for b, _ in BAD), GOOD])
+  other = {"prompt": "q2", "response": "a2"}  # not GOOD again: that would be a duplicate
+  path = write_rows(tmp_path / "mixed.jsonl", [GOOD, *(b for b, _ in BAD), other])
   exs, c = read_examples(path, smollm2_tok, max_length=64, on_error="skip")
   assert [e.id for e in exs] == [f"{path}:1", f"{path}:{len(BAD) + 2}"]
   assert (c.rows, c.kept, c.skipped, c.dropped) == (len(BAD) + 2, 2, len(BAD), 0)

@@ -1,13 +1,16 @@
-"""Convert an Orbax checkpoint (written by convert_hf_to_orbax.py or training) into a Hugging Face checkpoint.
+"""Convert an Orbax checkpoint (written by convert_hf_to_orbax.py) or a training run's step (RUN/checkpoints/<step>,
+written by sft or rl) into a Hugging Face checkpoint.
 
   python tools/convert_orbax_to_hf.py --ckpt CKPT --out HF [--tokenizer_dir T] [--max_shard_size 5GB] [--overwrite]
 
 Writes sharded safetensors (+ model.safetensors.index.json when there is more than one file), config.json,
-generation_config.json and the tokenizer files (from --tokenizer_dir, else the checkpoint's own tokenizer/),
-loadable by `transformers.AutoModelForCausalLM.from_pretrained` and `AutoTokenizer`. Tensors keep the
-checkpoint's dtype, bit for bit. A checkpoint converted from HF gets back its source's config.json (updated by
-the model's fields) and generation_config.json. Written atomically: on any error nothing appears at --out; an
-existing --out is refused unless --overwrite. A bad input prints one `error: ...` line and exits with status 2.
+generation_config.json and the tokenizer files (from --tokenizer_dir, else the checkpoint's own tokenizer/; a
+run's step: the run's tokenizer, else its start checkpoint's), loadable by
+`transformers.AutoModelForCausalLM.from_pretrained` and `AutoTokenizer`. Tensors keep the checkpoint's dtype, bit
+for bit. A checkpoint converted from HF, or a run's step whose run started from a HF checkpoint, gets back that
+source's config.json (updated by the model's fields) and generation_config.json; of a step only the params are
+read, never the optimizer state. Written atomically: on any error nothing appears at --out; an existing --out is
+refused unless --overwrite. A bad input prints one `error: ...` line and exits with status 2.
 """
 from __future__ import annotations
 
@@ -34,7 +37,9 @@ def parse_size(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--ckpt", required=True, help="Orbax checkpoint directory (params/ + model_config.json)")
+  parser.add_argument("--ckpt", required=True,
+                      help="Orbax checkpoint directory (params/ + model_config.json), or a training run's step "
+                           "RUN/checkpoints/<step>")
   parser.add_argument("--out", required=True, help="HF checkpoint directory to write")
   parser.add_argument("--tokenizer_dir", default=None,
                       help="copy tokenizer files from here (default: the checkpoint's tokenizer/, if any)")

@@ -16,7 +16,8 @@ sft.jsonl the rows are computed with `render.tree_rows` and the default Lineariz
 from the run's); answers are grouped by normalised string equality (`verifier.normalize_answer`) unless
 `--equal verifier` asks for the verifier's equivalence (slower: a process pool).
 
-Errors (missing file, malformed JSONL as file:line, unknown id, bad --trace) are one line on stderr, exit 2.
+Errors (missing file, malformed JSONL or non-UTF-8 text as file:line, unknown id, bad --trace) are one line on
+stderr, exit 2.
 """
 from __future__ import annotations
 
@@ -49,14 +50,20 @@ class UsageError(Exception):
 
 
 def read_jsonl(path: str) -> list[tuple[int, dict]]:
-  """(line number, object) for every non-blank line; UsageError naming file:line on malformed lines."""
+  """(line number, object) for every non-blank line; UsageError naming file:line on malformed lines (not UTF-8
+  text, not JSON, not an object)."""
+  from astro_jax.data import decode_line
   if not os.path.isfile(path):
     raise UsageError(f"no such file: {path}")
   out = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      if not raw.strip():
         continue
+      try:
+        line = decode_line(raw)
+      except ValueError as e:
+        raise UsageError(f"{path}:{lineno}: {e}") from None
       try:
         obj = json.loads(line)
       except json.JSONDecodeError as e:

@@ -8,14 +8,18 @@ settings when it writes its first result.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable
 
 import ml_collections
 
-from astro_jax import sharding
+from astro_jax import files, sharding
 from astro_jax.errors import ConfigError, UserError
 
 ASSET_PREFIX = "asset:"
@@ -94,11 +98,15 @@ def input_file(path: str, key: str) -> Path:
   return p
 
 
+PROBLEM_TEXT = ("problem", "answer")  # what every stage that loads problems needs in each row (not blank)
+
+
 def load_problems(spec: str, key: str) -> list:
-  """The problems of a bundled benchmark or a JSONL file given by config key `key`; none at all is an error."""
+  """The problems of a bundled benchmark or a JSONL file given by config key `key`, every row checked (a malformed
+  row, a duplicate id, a blank problem or answer is named at file:line); none at all is an error."""
   from astro_jax import data
   try:
-    problems = data.load_benchmark(spec)
+    problems = data.load_benchmark(spec, nonblank=PROBLEM_TEXT)
   except FileNotFoundError as e:
     raise UserError(f"config key {key!r}: {e}") from None
   if not problems:
@@ -109,10 +117,6 @@ def load_problems(spec: str, key: str) -> list:
 def load_input_problems(config: ml_collections.ConfigDict) -> list:
   """The first `config.limit` problems of `config.input` (all when limit <= 0), each with a problem and an answer."""
   problems = load_problems(config.input, "input")
-  for p in problems:
-    for field in ("problem", "answer"):
-      if not getattr(p, field).strip():
-        raise UserError(f"{config.input}: problem {p.id!r} has an empty {field!r}")
   return problems[:config.limit] if config.limit > 0 else problems
 
 
@@ -123,7 +127,7 @@ def resolve_path(path: str, key: str = "checkpoint") -> Path:
   from astro_jax import assets
   if path.startswith(ASSET_PREFIX):
     name = path[len(ASSET_PREFIX):]
-    table = {"smollm2": assets.smollm2_hf_dir, "llama3_tokenizer": assets.llama3_tokenizer_dir}
+    table = assets.ASSET_DIRS
     require(name in table, key, path, f"unknown asset; known: {', '.join(ASSET_PREFIX + k for k in table)}")
     try:
       return Path(table[name]())
@@ -204,14 +208,161 @@ def check_prompt_lengths(lengths: list[int], max_new_tokens: int, max_positions:
                       f"{n + max_new_tokens} > the model's context of {max_positions} positions")
 
 
+# --- a run's output location ---------------------------------------------------------------------------------------
+
+_RUNS: list[contextlib.ExitStack] = []  # one per stage run in progress (a pipeline nests them)
+
+
+def stage_run(run: Callable) -> Callable:
+  """Decorates a stage's `run(config)`: what the run claims for its output (the lock, an overwritten run set aside)
+  is released, dropped or put back when it ends, however it ends (a killed run's: by the kernel and the next run)."""
+  @functools.wraps(run)
+  def wrapped(config: ml_collections.ConfigDict):
+    with contextlib.ExitStack() as stack:
+      _RUNS.append(stack)
+      try:
+        return run(config)
+      finally:
+        _RUNS.pop()
+  return wrapped
+
+
+def _run_stack() -> contextlib.ExitStack:
+  if not _RUNS:
+    raise RuntimeError("a stage's output is claimed inside its run (decorate run with common.stage_run)")
+  return _RUNS[-1]
+
+
+def is_writer_of(config: ml_collections.ConfigDict) -> bool:
+  """Whether this process writes (multi-host: starts JAX's runtime to learn it; single-host: without JAX)."""
+  d = config.distributed
+  if not d.enabled:
+    return True
+  sharding.maybe_initialize_distributed(True, d.coordinator_address or None, d.num_processes, d.process_id)
+  return is_writer()
+
+
+def _process_0_says(message: str) -> str:
+  """Process 0's `message` on every process (multi-host), as is otherwise."""
+  import jax
+  if jax.process_count() == 1:
+    return message
+  import numpy as np
+  from jax.experimental import multihost_utils
+  buf = np.zeros(2048, np.uint8)
+  raw = message.encode()[:len(buf)]
+  buf[:len(raw)] = np.frombuffer(raw, np.uint8)
+  got = np.asarray(multihost_utils.broadcast_one_to_all(buf), np.uint8)
+  return bytes(got).rstrip(b"\0").decode(errors="replace")
+
+
+def claim_output(config: ml_collections.ConfigDict, key: str = "output_dir", *, directory: bool = True) -> Path:
+  """Before any work, the output location of config key `key` (a directory, else a file): it must be writable, and
+  the writer (process 0) holds its lock until the run ends, then clears what killed runs left there (a run that a
+  dead overwriting run had set aside is put back). Another live run there, or an unwritable location, is one line
+  (on every process) and nothing is touched."""
+  out = Path(os.path.abspath(config[key]))
+  problem = ""
+  if is_writer_of(config):
+    why = files.unwritable_reason(out, directory=directory)
+    try:
+      require(why is None, key, config[key], why or "")
+      _run_stack().enter_context(files.output_lock(out))
+      files.remove_stale_leftovers(out)
+    except UserError as e:
+      problem = str(e)
+  problem = _process_0_says(problem)
+  if problem:
+    raise UserError(problem)
+  return out
+
+
+def replace_at_first_result(out: Path, names: tuple[str, ...]) -> Callable[[], None]:
+  """Overwriting the run at `out` (writer only): its entries `names` are set aside now; the returned `done()`
+  deletes them once the new run has its first result (a checkpoint); a run that ends before, failing or killed, puts
+  them back untouched (and what it wrote under those names goes)."""
+  aside = files.set_aside(out, names)
+  pending = [aside]
+
+  def done() -> None:
+    if pending:
+      files.drop_aside(pending.pop())
+
+  def on_exit(error_type, *_) -> None:
+    if pending:
+      (files.drop_aside if error_type is None else files.put_back)(pending.pop())
+
+  _run_stack().push(on_exit)
+  return done
+
+
 # --- the settings record of a resumable output --------------------------------------------------------------------
 
-def to_settings(config: ml_collections.ConfigDict, keys: tuple[str, ...]) -> dict:
-  """The values of `keys` as plain JSON (what a settings record compares), and how samples are seeded (results of
-  an older seeding scheme are never mixed with new ones)."""
+FULL_HASH_BYTES = 64 * 2**20  # files up to this size are hashed whole; larger ones (weights) by sampled blocks
+_BLOCK, _BLOCKS = 2**20, 16
+
+
+def _file_digest(path: Path, size: int) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    if size <= FULL_HASH_BYTES:
+      for chunk in iter(lambda: f.read(2**22), b""):
+        h.update(chunk)
+    else:
+      for i in range(_BLOCKS):
+        f.seek((size - _BLOCK) * i // (_BLOCKS - 1))
+        h.update(f.read(_BLOCK))
+  return h.hexdigest()
+
+
+def fingerprint(path: Path) -> dict:
+  """Content fingerprint of an input file, or of every file under a directory (a checkpoint): bytes and sha256 (of
+  the whole content for files up to 64 MiB; of 16 evenly spaced 1 MiB blocks beyond, e.g. weight shards)."""
+  path = Path(path)
+  if path.is_file():
+    size = path.stat().st_size
+    return {"bytes": size, "sha256": _file_digest(path, size)}
+  h, total = hashlib.sha256(), 0
+  for f in sorted(p for p in path.rglob("*") if p.is_file()):
+    size = f.stat().st_size
+    total += size
+    h.update(f"{f.relative_to(path)}\0{size}\0{_file_digest(f, size)}\n".encode())
+  return {"bytes": total, "sha256": h.hexdigest()}
+
+
+def describe_input(spec: str, key: str) -> Any:
+  """What a settings record keeps of an input: its resolved path and fingerprint ("" stays ""); bundled benchmark
+  names and assets keep their name; a comma-separated list (benchmarks) is described item by item."""
+  from astro_jax import data
+  spec = spec.strip()
+  if not spec:
+    return ""
+  if key.endswith("benchmarks"):
+    return [describe_input(s, key + "[]") for s in spec.split(",") if s.strip()]
+  if spec in data.BENCHMARKS:
+    from importlib import resources
+    with resources.as_file(resources.files("astro_jax") / "datasets" / data.BENCHMARKS[spec]) as path:
+      return {"benchmark": spec, **fingerprint(path)}
+  if spec.startswith(ASSET_PREFIX):
+    return {"asset": spec, **fingerprint(resolve_path(spec, key))}
+  path = Path(os.path.abspath(spec))
+  return {"path": str(path), **(fingerprint(path) if path.exists() else {"missing": True})}
+
+
+def to_settings(config: ml_collections.ConfigDict, keys: tuple[str, ...], inputs: tuple[str, ...] = ()) -> dict:
+  """The values of `keys` as plain JSON (what a settings record compares), each input key of `inputs` (dotted) as
+  its resolved path + content fingerprint (`describe_input`), and how samples are seeded (results of an older
+  seeding scheme are never mixed with new ones)."""
   from astro_jax.sampler import SEEDING
   values = {k: config[k].to_dict() if isinstance(config[k], ml_collections.ConfigDict) else config[k] for k in keys}
-  return json.loads(json.dumps({**values, "seeding": SEEDING}))
+  values = json.loads(json.dumps({**values, "seeding": SEEDING}))
+  for dotted in inputs:
+    node, value = values, config
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+      node, value = node.setdefault(p, {}), value[p]
+    node[leaf] = describe_input(value[leaf], dotted)
+  return values
 
 
 class SettingsRecord:
@@ -219,12 +370,15 @@ class SettingsRecord:
 
   A run whose output location holds results of other settings (or results of unknown origin) stops before any work
   unless `overwrite` is set; with `overwrite` the old results are removed only when the first new one is written
-  (`record`). So a failed run never blocks its location and never loses what was there.
+  (`record`). So a failed run never blocks its location and never loses what was there. A resumed training run may
+  change the keys `check` is told are changeable (the optimizer's learning rate after a NaN stop): each such change
+  is kept in the record's `changes` list with the step it took effect.
   """
 
   def __init__(self, path: Path, settings: dict, overwrite: bool = False):
     self.path, self.settings, self.overwrite = Path(path), json.loads(json.dumps(settings)), overwrite
     self._recorded = False  # set once this run has recorded (or found) its settings: `record` is then free
+    self._changes: dict[str, list] = {}  # accepted changes of changeable keys: {key: [old, new]}
 
   def previous(self) -> dict | None:
     try:
@@ -234,36 +388,50 @@ class SettingsRecord:
     except (json.JSONDecodeError, UnicodeDecodeError):
       return {"unreadable": str(self.path)}
 
-  def matches(self) -> bool:
-    return self.previous() == self.settings
+  def _previous_settings(self) -> dict | None:
+    previous = self.previous()
+    return {k: v for k, v in previous.items() if k != "changes"} if previous is not None else None
 
-  def check(self, results: list[Path], what: str) -> None:
-    """Refuse (UserError) when any of `results` exists and was made with other settings, unless overwriting."""
+  def matches(self) -> bool:
+    return self._previous_settings() == self.settings
+
+  def check(self, results: list[Path], what: str, changeable: tuple[str, ...] = ()) -> None:
+    """Refuse (UserError) when any of `results` exists and was made with other settings, unless overwriting or
+    every difference is in a `changeable` key (dotted; accepted and recorded by `record`)."""
     existing = [p for p in results if p.exists()]
     if not existing or self.matches() or self.overwrite:
       return
-    previous = self.previous()
-    origin = (f"other settings ({'; '.join(_differences(previous, self.settings))}; see {self.path})" if previous
+    previous = self._previous_settings()
+    if previous:
+      differences = _differences(previous, self.settings)
+      if changeable and all(key in changeable for key, _, _ in differences):
+        self._changes = {key: [old, new] for key, old, new in differences}
+        return
+    origin = (f"other settings ({'; '.join(_describe(d) for d in differences)}; see {self.path})" if previous
               else f"unknown settings (no {self.path.name} beside it)")
     raise UserError(f"{what} {existing[0]} holds results of {origin}. Use another output location, or pass "
                     f"--config.overwrite=true to replace them")
 
-  def record(self, stale: list[Path]) -> None:
-    """Before the first result is written: when overwriting other settings, remove `stale`; then record. Cheap
-    to call before every result."""
-    if self._recorded or self.matches():
+  def record(self, stale: list[Path], at_step: int | None = None) -> None:
+    """Before the first result is written: when overwriting other settings, remove `stale`; then record (with the
+    accepted changes and `at_step`, the step they take effect). Cheap to call before every result."""
+    if self._recorded or (self.matches() and not self._changes):
       self._recorded = True
       return
     for p in stale:
       p.unlink(missing_ok=True)
-    from astro_jax import files
-    files.write_text_atomic(self.path, json.dumps(self.settings, indent=2) + "\n")
+    record = dict(self.settings)
+    if self._changes:
+      history = (self.previous() or {}).get("changes", [])
+      record["changes"] = history + [{"at_step": at_step, "changed": self._changes}]
+    files.write_text_atomic(self.path, json.dumps(record, indent=2) + "\n")
     self._recorded = True
 
 
 BASE_HELP = {  # keys several stages share (a stage's own HELP overrides)
     "stage": "which stage runs (fixed by the config file)",
-    "checkpoint": "Orbax or HF checkpoint directory, or an asset (asset:smollm2)",
+    "checkpoint": "Orbax or HF checkpoint directory, a training run's step (RUN/checkpoints/N), or an asset "
+                  "(asset:smollm2)",
     "tokenizer": "tokenizer directory (default: the checkpoint's own)",
     "seed": "run seed (stages that sample take theirs from sampling.seed)",
     "mesh.data": "devices on the data axis",
@@ -280,9 +448,14 @@ BASE_HELP = {  # keys several stages share (a stage's own HELP overrides)
 }
 
 
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-  """`key: old -> new` for every leaf where two settings records differ."""
+def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+  """(dotted key, old, new) for every leaf where two settings records differ."""
   if isinstance(old, dict) and isinstance(new, dict):
     return [d for k in sorted(set(old) | set(new), key=str)
             for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
-  return [] if old == new else [f"{prefix[:-1] or 'settings'}: {old!r} -> now {new!r}"]
+  return [] if old == new else [(prefix[:-1] or "settings", old, new)]
+
+
+def _describe(difference: tuple[str, Any, Any]) -> str:
+  key, old, new = difference
+  return f"{key}: {old!r} -> now {new!r}"

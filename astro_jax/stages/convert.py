@@ -18,7 +18,8 @@ PARAM_DTYPES = ("", "float32", "bfloat16", "float16")
 
 HELP = {
     "direction": "hf_to_orbax or orbax_to_hf",
-    "input": "HF dir (hf_to_orbax) or Orbax checkpoint dir (orbax_to_hf); asset:smollm2 works",
+    "input": "HF dir (hf_to_orbax), or Orbax checkpoint dir or a training run's RUN/checkpoints/<step> (orbax_to_hf); "
+             "asset:smollm2 works",
     "output": "checkpoint directory to write (atomically)",
     "overwrite": "replace an existing output (else it is refused before any work)",
     "dtype": "hf_to_orbax: store params as this dtype (\"\": the source's)",
@@ -51,11 +52,14 @@ def check(config: ml_collections.ConfigDict) -> None:
   files.prepare_output(config.output, config.overwrite, hint="--config.overwrite=True")
 
 
+@common.stage_run
 def run(config: ml_collections.ConfigDict) -> None:
   from astro_jax import checkpoint
   check(config)
+  common.claim_output(config, "output")
   src = common.resolve_path(config.input, "input")
   kind = checkpoint.checkpoint_kind(src)
+  kind = "orbax" if kind == "train" else kind  # a training run's step (RUN/checkpoints/<step>) converts as Orbax
   if kind != DIRECTIONS[config.direction]:
     other = next(d for d, k in DIRECTIONS.items() if k == kind)
     raise UserError(f"config key 'input' = {config.input!r} is {_KIND_NAMES[kind]} checkpoint; direction "

@@ -156,6 +156,7 @@ def summarize(rows: list[dict], config: ml_collections.ConfigDict) -> dict:
           "eval": eval_stage.summarize([row["samples"] for row in rows])}
 
 
+@common.stage_run
 def run(config: ml_collections.ConfigDict) -> dict | None:
   """Estimate the pass rates (resumable), then write prompts.jsonl and summary.json; returns the summary."""
   from astro_jax import data, files, verifier
@@ -173,8 +174,10 @@ def run(config: ml_collections.ConfigDict) -> dict | None:
                               lambda i: f"{config.input}: problem {problems[i].id!r}")
   out_dir = Path(config.output_dir)
   paths = {name: out_dir / name for name in RESULT_FILES}
-  record = common.SettingsRecord(out_dir / "run_config.json", common.to_settings(config, _RUN_KEYS),
+  record = common.SettingsRecord(out_dir / "run_config.json",
+                                 common.to_settings(config, _RUN_KEYS, ("checkpoint", "tokenizer", "input")),
                                  config.overwrite)
+  common.claim_output(config)
   record.check(list(paths.values()), "output_dir")
   stale = list(paths.values())
 

@@ -22,6 +22,7 @@ from astro_jax.stages import common, generate
 
 # Settings that change results: a resumed run must use the same ones.
 _RUN_KEYS = ("checkpoint", "tokenizer", "samples", "system_prompt", "sampling")
+_INPUT_KEYS = ("checkpoint", "tokenizer", "benchmarks")  # recorded as resolved paths + content fingerprints
 RENAMED = {"sampling.n": "samples"}  # keys of other stages that are spelled differently here
 SAMPLING_HELP = {k: v for k, v in generate.SAMPLING_HELP.items() if k not in RENAMED}
 
@@ -88,6 +89,7 @@ def load_problems(config: ml_collections.ConfigDict) -> dict:
   return problems
 
 
+@common.stage_run
 def run(config: ml_collections.ConfigDict) -> None:
   from astro_jax import data, eval_metrics, files, prompts, verifier
   from astro_jax.sampler import Sampler
@@ -104,9 +106,9 @@ def run(config: ml_collections.ConfigDict) -> None:
                               model_cfg.max_position_embeddings, lambda i: f"benchmark {keys[i][0]}, problem "
                               f"{keys[i][1]!r}")
   out_dir = Path(config.output_dir)
-  common.require(not out_dir.is_file(), "output_dir", config.output_dir, "is a file; name a directory")
-  record = common.SettingsRecord(out_dir / "run_config.json", common.to_settings(config, _RUN_KEYS),
+  record = common.SettingsRecord(out_dir / "run_config.json", common.to_settings(config, _RUN_KEYS, _INPUT_KEYS),
                                  config.overwrite)
+  common.claim_output(config)
   results = [out_dir / f"{name}.jsonl" for name in problems] + [out_dir / "summary.json"]
   record.check(results, "output_dir")
   stale = results + [out_dir / "summary.md"]

@@ -25,6 +25,7 @@ from astro_jax.stages import common
 
 # Settings that change results; batch_size, mesh and model.* only change how fast they come.
 _RUN_KEYS = ("checkpoint", "tokenizer", "input", "num_prompts", "sampling")
+_INPUT_KEYS = ("checkpoint", "tokenizer", "input")  # recorded as resolved path + content fingerprint
 
 HELP = {
     "input": "JSONL with `prompt` or `messages` per row (\"\": the MATH-500 demo prompts)",
@@ -113,6 +114,7 @@ def settings_path(config: ml_collections.ConfigDict) -> Path:
   return Path(config.output + ".settings.json")
 
 
+@common.stage_run
 def run(config: ml_collections.ConfigDict) -> None:
   """Generate; see the module docstring for resumption and what is refused."""
   from astro_jax import data
@@ -126,7 +128,9 @@ def run(config: ml_collections.ConfigDict) -> None:
   common.check_prompt_lengths([len(x) for x in prompt_ids], config.sampling.max_new_tokens,
                               model_cfg.max_position_embeddings, lambda i: where[i])
   output, partial = Path(config.output), Path(config.output + ".partial")
-  record = common.SettingsRecord(settings_path(config), common.to_settings(config, _RUN_KEYS), config.overwrite)
+  record = common.SettingsRecord(settings_path(config), common.to_settings(config, _RUN_KEYS, _INPUT_KEYS),
+                                 config.overwrite)
+  common.claim_output(config, "output", directory=False)
   record.check([output, partial], "output")
   if output.exists() and record.matches():
     print(f"{output} is complete (same settings); nothing to do")

@@ -266,13 +266,14 @@ def check_context(config, problems, tokenizer, max_positions: int) -> None:
 
 
 def settings(config: ml_collections.ConfigDict) -> dict:
-  values = common.to_settings(config, _RUN_KEYS)
+  values = common.to_settings(config, _RUN_KEYS, ("checkpoint", "tokenizer", "input"))
   values["model.dtype"] = config.model.dtype
   return values
 
 
 # --- run ----------------------------------------------------------------------------------------------------------
 
+@common.stage_run
 def run(config: ml_collections.ConfigDict) -> dict:
   """Search, write trees as they finish, then derive sft/direct/summary; returns the summary."""
   from astro_jax import data, files, verifier
@@ -289,6 +290,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
   out_dir = Path(config.output_dir)
   paths = {name: out_dir / name for name in RESULT_FILES}
   record = common.SettingsRecord(out_dir / "run_config.json", settings(config), config.overwrite)
+  common.claim_output(config)
   record.check(list(paths.values()), "output_dir")
   sharder = common.setup_mesh(config, "sample")  # multi-host start before anything asks JAX about processes
   writer = common.is_writer()

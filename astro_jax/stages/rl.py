@@ -17,12 +17,18 @@ One step (ASTRO §3.2: reward +1 / -1 for a right / wrong final answer, G = 4 re
      ratio against the sampler's own log-probs (`loss.*`); with `loss.beta` > 0 a frozen reference (the start
      checkpoint) adds a k3 KL term (beta = 0: no reference is held).
 
+Stops (one line naming the step and the last good checkpoint; no checkpoint or HF export after them): a loss,
+gradient norm, updated weights or sampled log-probs that are not finite (NonFiniteLoss); and, with
+dynamic_sampling, `max_empty_steps` steps in a row that keep no group (every group all right or all wrong: a broken
+model trains on nothing), after the last of those steps' metrics rows.
+
 Randomness: a prompt's G samples are seeded by (sampling.seed, its epoch, its id); the prompt order by (seed,
 epoch); minibatch assignment and the shuffled-reward control by (seed, step). Nothing depends on the batch a prompt
 landed in, the mesh, or where a run resumed.
 
 Run directory (`output_dir`):
-  run_config.json      the settings that shape the run (a resumed run must have the same)
+  run_config.json      the settings that shape the run, inputs as path + content fingerprint (a resumed run must
+                       have the same, but for the learning rate and schedule: such changes are listed in `changes`)
   metrics.jsonl        one row per step: step, reward_mean, accuracy (over every response sampled in the step, all
                        rounds), zero_signal_fraction (of the sampled groups), truncation_rate, response_length_mean,
                        response_length_max (tokens), backtracks_per_response, reflections_per_response, entropy,
@@ -61,10 +67,12 @@ from astro_jax.stages import common, sft
 _RUN_KEYS = ("checkpoint", "tokenizer", "prompts", "seed", "steps", "batch_prompts", "group_size", "minibatches",
              "grad_accum", "max_prompt_tokens", "loss_chunk", "dynamic_sampling", "max_sampling_rounds", "model",
              "optimizer", "sampling", "loss", "reward", "prompt", "eval")
+_INPUT_KEYS = ("checkpoint", "tokenizer", "prompts", "eval.benchmarks")  # recorded as paths + content fingerprints
 
 HELP = {
     "seed": "prompt order, minibatch assignment and the shuffled-reward control (samples: sampling.seed)",
-    "checkpoint": "the start model (the SFT checkpoint): Orbax or HF directory, or an asset (asset:smollm2); required",
+    "checkpoint": "the start model (the SFT checkpoint): Orbax or HF directory, a training run's step "
+                  "(RUN/checkpoints/N), or an asset (asset:smollm2); required",
     "prompts": "JSONL of problems (id, problem, answer), e.g. the difficulty stage's prompts.jsonl; required",
     "output_dir": "the run directory; required",
     "overwrite": "replace a run already in output_dir",
@@ -78,6 +86,8 @@ HELP = {
     "loss_chunk": "positions whose logits are computed at once in the loss",
     "dynamic_sampling": "drop groups whose rewards are all equal and sample more prompts to refill the batch",
     "max_sampling_rounds": "most sampling rounds per step with dynamic_sampling (rows left unfilled weigh 0)",
+    "max_empty_steps": "stop after this many steps in a row that keep no group (dynamic_sampling: all right or all "
+                       "wrong; the model may be broken)",
     "save_every": "checkpoint every N steps (and at the end)",
     "keep": "checkpoints kept (the newest)",
     "async_checkpoint": "write checkpoints in the background",
@@ -138,6 +148,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.loss_chunk = 512
   c.dynamic_sampling = True
   c.max_sampling_rounds = 3
+  c.max_empty_steps = 3
   c.save_every = 10
   c.keep = 3
   c.async_checkpoint = True
@@ -168,6 +179,12 @@ def rows_per_update(config: ml_collections.ConfigDict) -> int:
   return config.batch_prompts * config.group_size // config.minibatches
 
 
+def update_rows_from(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """(config keys, their values) that make `rows_per_update`, for messages."""
+  values = f"{config.batch_prompts} x {config.group_size} / {config.minibatches}"
+  return "batch_prompts x group_size / minibatches", values
+
+
 def seq_len(config: ml_collections.ConfigDict) -> int:
   """Tokens per training row: the longest prompt plus the response budget."""
   return config.max_prompt_tokens + config.sampling.max_new_tokens
@@ -182,14 +199,14 @@ def check(config: ml_collections.ConfigDict) -> None:
   r(config.minibatches >= 1 and (config.batch_prompts * config.group_size) % config.minibatches == 0,
     "minibatches", config.minibatches,
     f"must be >= 1 and divide batch_prompts x group_size = {config.batch_prompts * config.group_size}")
-  batch_view = ml_collections.ConfigDict({**config.to_dict(), "batch_size": rows_per_update(config)})
-  sft.check_train(batch_view)
+  sft.check_train(config, rows_per_update(config), update_rows_from(config))
   r(config.steps >= 1, "steps", config.steps, "must be >= 1")
   r(bool(config.checkpoint), "checkpoint", config.checkpoint, "a start checkpoint is required")
   r(bool(config.prompts), "prompts", config.prompts, "a JSONL of problems (id, problem, answer) is required")
   r(config.max_prompt_tokens >= 1, "max_prompt_tokens", config.max_prompt_tokens, "must be >= 1")
   r(config.loss_chunk >= 1, "loss_chunk", config.loss_chunk, "must be >= 1")
   r(config.max_sampling_rounds >= 1, "max_sampling_rounds", config.max_sampling_rounds, "must be >= 1")
+  r(config.max_empty_steps >= 1, "max_empty_steps", config.max_empty_steps, "must be >= 1")
   r(config.sampler.dtype in common.DTYPES, "sampler.dtype", config.sampler.dtype, f"must be one of {common.DTYPES}")
   r(config.sampler.cache_dtype in ("",) + common.DTYPES, "sampler.cache_dtype", config.sampler.cache_dtype,
     f"must be \"\" or one of {common.DTYPES}")
@@ -238,7 +255,8 @@ def make_trainer(config: ml_collections.ConfigDict, model_cfg, sharder):
                             beta=beta)
   axes = rollouts.REF_BATCH_AXES if beta else rollouts.RL_BATCH_AXES
   return loop.Trainer.create(config, model_cfg, sharder, config.steps * config.minibatches, loss_fn,
-                             batch_size=rows_per_update(config), seq_len=seq_len(config), batch_axes=axes)
+                             batch_size=rows_per_update(config), seq_len=seq_len(config), batch_axes=axes,
+                             batch_from=update_rows_from(config))
 
 
 @dataclasses.dataclass
@@ -272,6 +290,7 @@ class _CompileCounter:
     return n
 
 
+@common.stage_run
 def run(config: ml_collections.ConfigDict) -> None:
   import jax
   from tqdm import tqdm
@@ -309,13 +328,13 @@ def run(config: ml_collections.ConfigDict) -> None:
   keys = list(eval_ids)
   common.check_prompt_lengths([len(eval_ids[k]) for k in keys], eval_budget, model_cfg.max_position_embeddings,
                               lambda i: f"eval benchmark {keys[i][0]}, problem {keys[i][1]!r}")
-  out, record = sft.prepare_run_dir(config, common.to_settings(config, _RUN_KEYS))
+  out, record, replaced = sft.prepare_run_dir(config, common.to_settings(config, _RUN_KEYS, _INPUT_KEYS))
 
   sharder = common.setup_mesh(config, "train")
   writer = common.is_writer()
   trainer = make_trainer(config, model_cfg, sharder)
   stream = rollouts.PromptStream([p.id for p in problems], config.seed)
-  ckpts, start = trainer.start_or_resume(config, out, record, stream)
+  ckpts, start = trainer.start_or_resume(config, out, record, stream, on_first_save=replaced)
   beta = config.loss.beta
   ref_params = None
   if start == 0 or beta:
@@ -380,11 +399,21 @@ def run(config: ml_collections.ConfigDict) -> None:
           penalty=config.reward.overlong_penalty)))
     return groups
 
+  def stop_if_broken_sampler(step: int, groups: list[Group]) -> None:
+    """NonFiniteLoss if a sampled token's log-prob is not finite: the weights the sampler took (those of the last
+    update) give non-finite logits. Every process samples every row, so all of them stop here together."""
+    lps = np.concatenate([np.asarray(c.logprobs, np.float64) for g in groups for c in g.completions] or [[]])
+    bad = int(np.count_nonzero(~np.isfinite(lps)))
+    if bad:
+      loop.stop_training(step, f"the sampler's log-probs are not finite ({bad} of {lps.size} sampled tokens: the "
+                         f"weights give non-finite logits)", ckpts, gave_it=step - 1)
+
   def collect(step: int, pool, executor, times: dict) -> tuple[list[Group], list[Group], int]:
     """(the batch's groups, every group sampled this step, sampling rounds)."""
     kept, sampled = [], []
     for round_ in range(config.max_sampling_rounds if config.dynamic_sampling else 1):
       groups = sample_round(stream.take(config.batch_prompts), pool, executor, times)
+      stop_if_broken_sampler(step, groups)
       if config.reward.shuffle:  # the control: rewards permuted across the round's responses
         flat = np.concatenate([g.rewards for g in groups])
         flat = flat[np.random.default_rng([config.seed, step, round_]).permutation(len(flat))]
@@ -410,7 +439,8 @@ def run(config: ml_collections.ConfigDict) -> None:
         batch["ref_logprobs"] = ref_fn(ref_params, batch)
       trainer.state, device_metrics = trainer.step_fn(trainer.state, batch)
       got = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-      loop.stop_if_not_finite(step, got["loss"], got["grad_norm"], ckpts, last_saved)
+      loop.stop_if_not_finite(step, got["loss"], got["grad_norm"], ckpts, got["params_finite"] > 0,
+                              weights_of=step - 1 if m == 0 else step)  # step's own weights are never saved
       if m == 0:
         sums["gap_first"], sums["tokens_first"] = got["logprob_gap"], got["tokens"]
       for k in _UPDATE_SUMS:
@@ -433,7 +463,7 @@ def run(config: ml_collections.ConfigDict) -> None:
             row[f"{prefix}_{metric}"] = summary["metrics"][metric]["mean"]
     return row
 
-  last_saved = start if ckpts.steps() else None  # the last good checkpoint, named if a loss turns NaN
+  empty = 0  # steps in a row that kept no group
   log = metrics_lib.MetricsLog(out, start) if writer else None
   bar = tqdm(total=config.steps, initial=start, desc="rl", unit="step", disable=not writer, dynamic_ncols=True)
   executor = concurrent.futures.ThreadPoolExecutor(1, "verifier")
@@ -448,6 +478,7 @@ def run(config: ml_collections.ConfigDict) -> None:
         jax.block_until_ready(sampler.params)
         times["time_weight_sync"] = time.perf_counter() - began
         kept, sampled, rounds = collect(step, pool, executor, times)
+        empty = 0 if kept else empty + 1
         decoded = (sampler.stats.tokens - decode_before[0], sampler.stats.row_steps - decode_before[1])
         t_train = time.perf_counter()
         if kept:
@@ -472,11 +503,14 @@ def run(config: ml_collections.ConfigDict) -> None:
         sampled_tokens = sum(len(c.token_ids) for g in sampled for c in g.completions)
         rl_seconds = times["time_s"] - times.get("time_eval", 0.0)
         row.update(times, tokens_per_s=sampled_tokens / max(rl_seconds, 1e-9), compiles=compiles.take())
-        if step % config.save_every == 0 or step == config.steps:
+        give_up = empty >= config.max_empty_steps
+        if not give_up and (step % config.save_every == 0 or step == config.steps):
           ckpts.save(step, trainer.state, stream.get_state())
-          last_saved = step
         if log is not None:
           log.write(row)
+        if give_up:  # after the row: metrics.jsonl shows why (groups 0, zero_signal_fraction 1)
+          loop.stop_training(step, f"no group with a reward signal for {empty} steps in a row (all right or all "
+                             f"wrong); the model may be broken", ckpts, UserError)
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.3f}")
     ckpts.wait()

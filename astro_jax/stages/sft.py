@@ -9,8 +9,9 @@ them, positions restart for each); `batch_size` rows a step, split into `grad_ac
 token mean over the whole batch, exactly); the vocabulary is projected `loss_chunk` positions at a time.
 
 Run directory (`output_dir`):
-  run_config.json      the settings that shape the run (a resumed run must have the same)
-  data_counts.json     what reading the data did (rows, kept, truncated, dropped, skipped, tokens)
+  run_config.json      the settings that shape the run, inputs as path + content fingerprint (a resumed run must
+                       have the same, but for the learning rate and schedule: such changes are listed in `changes`)
+  data_counts.json     what reading the data did (rows, kept, truncated, dropped, skipped, duplicates, tokens)
   metrics.jsonl        one row per step: step, loss, grad_norm, lr, tokens_per_s, mfu, tokens, time_s
                        (+ eval_loss every `eval_every` steps)
   tensorboard/         the same as TensorBoard events
@@ -20,7 +21,8 @@ Run directory (`output_dir`):
 
 Resume (`resume=true`) continues from the newest checkpoint that restores (a corrupted one is skipped with a
 warning): params, optimizer, data iterator and step; metrics rows after it are redone. The losses equal those of an
-uninterrupted run. A NaN/inf loss stops the run naming the step; the last good checkpoint is kept.
+uninterrupted run. A NaN/inf loss stops the run naming the step; the last good checkpoint is kept (the one whose
+weights gave the NaN is deleted), and `resume=true` may then continue with a lower learning rate.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
+from typing import Callable
 
 import ml_collections
 
@@ -38,10 +41,17 @@ from astro_jax.stages import common
 _RUN_KEYS = ("checkpoint", "tokenizer", "data", "eval_data", "eval_fraction", "seed", "steps", "batch_size",
              "grad_accum", "seq_len", "max_length", "loss_on", "overlong", "on_error", "loss_chunk", "model",
              "optimizer")
+_INPUT_KEYS = ("checkpoint", "tokenizer", "data", "eval_data")  # recorded as resolved paths + content fingerprints
+# What a training run writes in its directory (what an overwriting run replaces; nothing else there is touched).
+RUN_ENTRIES = ("run_config.json", "data_counts.json", "metrics.jsonl", "tensorboard", "checkpoints", "loss.png",
+               "rl.png", "eval", "hf")
+# What a resumed run may change (continuing after a NaN stop with a lower learning rate); kept in run_config.json.
+RESUME_CHANGEABLE = ("optimizer.lr", "optimizer.schedule", "optimizer.warmup_fraction", "optimizer.final_lr_fraction")
 
 HELP = {
     "seed": "data order (shuffle before packing and each epoch)",
-    "checkpoint": "the start model: Orbax or HF checkpoint directory, or an asset (asset:smollm2); required",
+    "checkpoint": "the start model: Orbax or HF checkpoint directory, a training run's step (RUN/checkpoints/N), or "
+                  "an asset (asset:smollm2); required",
     "data": "JSONL of chat examples: messages (the mcts stage's sft.jsonl), or prompt + response; required",
     "eval_data": "held-out JSONL for the eval loss (\"\": take eval_fraction of data)",
     "eval_fraction": "fraction of data held out for the eval loss, chosen by each example's id",
@@ -128,8 +138,11 @@ def optimizer_config() -> ml_collections.ConfigDict:
       "mu_dtype": ""})
 
 
-def check_train(config: ml_collections.ConfigDict) -> None:
-  """The model/optimizer/batch keys a training stage shares (sft, rl)."""
+def check_train(config: ml_collections.ConfigDict, rows: int | None = None,
+                rows_from: tuple[str, str] | None = None) -> None:
+  """The model/optimizer/batch keys a training stage shares (sft, rl). rows: the rows of one optimizer update, which
+  grad_accum must divide, and rows_from: the config keys and values they come from, e.g. ("batch_prompts x
+  group_size", "4 x 2") (default: config.batch_size)."""
   from astro_jax.model.config import DTYPES, REMAT_POLICIES
   from astro_jax.train.optim import SCHEDULES
   m, o, r = config.model, config.optimizer, common.require
@@ -146,9 +159,12 @@ def check_train(config: ml_collections.ConfigDict) -> None:
   r(o.clip_norm >= 0, "optimizer.clip_norm", o.clip_norm, "must be >= 0 (0: off)")
   r(o.mu_dtype in ("",) + DTYPES, "optimizer.mu_dtype", o.mu_dtype, f"must be \"\" or one of {DTYPES}")
   r(config.steps >= 0, "steps", config.steps, "must be >= 0 (0: one epoch)")
-  r(config.batch_size >= 1, "batch_size", config.batch_size, "must be >= 1")
-  r(config.grad_accum >= 1 and config.batch_size % config.grad_accum == 0, "grad_accum", config.grad_accum,
-    f"must be >= 1 and divide batch_size ({config.batch_size})")
+  if rows is None:
+    rows = config.batch_size
+    r(rows >= 1, "batch_size", rows, "must be >= 1")
+  keys, values = rows_from or ("batch_size", "")
+  r(config.grad_accum >= 1 and rows % config.grad_accum == 0, "grad_accum", config.grad_accum,
+    f"must be >= 1 and divide {keys} ({values + ' = ' if values else ''}{rows})")
   r(config.save_every >= 1, "save_every", config.save_every, "must be >= 1")
   r(config.keep >= 1, "keep", config.keep, "must be >= 1")
   r(config.peak_flops >= 0, "peak_flops", config.peak_flops, "must be >= 0 (0: from the device kind)")
@@ -191,12 +207,12 @@ def read_data(config: ml_collections.ConfigDict, tokenizer, max_positions: int):
   max_length = config.max_length or config.seq_len
   common.require(max_length <= max_positions, "max_length" if config.max_length else "seq_len", max_length,
                  f"longer than the model's context of {max_positions} positions")
-  read = lambda path: train_data.read_examples(common.input_file(path, "data"), tokenizer, max_length=max_length,
-                                               loss_on=config.loss_on, overlong=config.overlong,
-                                               on_error=config.on_error)
-  examples, counts = read(config.data)
+  read = lambda key: train_data.read_examples(common.input_file(config[key], key), tokenizer, max_length=max_length,
+                                              loss_on=config.loss_on, overlong=config.overlong,
+                                              on_error=config.on_error)
+  examples, counts = read("data")
   if config.eval_data:
-    held, _ = read(config.eval_data)
+    held, _ = read("eval_data")
   else:
     held = [e for e in examples if held_out(e.id, config.eval_fraction)]
     examples = [e for e in examples if not held_out(e.id, config.eval_fraction)]
@@ -206,19 +222,26 @@ def read_data(config: ml_collections.ConfigDict, tokenizer, max_positions: int):
   return examples, held, counts
 
 
-def prepare_run_dir(config: ml_collections.ConfigDict, settings: dict) -> tuple[Path, "common.SettingsRecord"]:
-  """Refuse a run directory that holds another run unless resuming it (same settings) or overwriting."""
-  out = Path(config.output_dir)
+def prepare_run_dir(config: ml_collections.ConfigDict, settings: dict) -> tuple[Path, "common.SettingsRecord",
+                                                                              Callable[[], None] | None]:
+  """Claim the run directory (lock) and refuse one that holds another run unless resuming it (same settings, or a
+  changed learning rate / schedule) or overwriting. Returns (directory, settings record, `done`): when overwriting,
+  the old run is set aside until `done()` (the new run's first checkpoint) and put back if the run ends before."""
+  out = common.claim_output(config)
   record = common.SettingsRecord(out / "run_config.json", settings)
   held = [p for p in (out / "run_config.json", out / "metrics.jsonl", out / "checkpoints") if p.exists()]
   if held and not config.overwrite:
     if not config.resume:
       raise UserError(f"output_dir {out} holds a run; pass --config.resume=true to continue it or "
                       f"--config.overwrite=true to replace it")
-    record.check(held, "output_dir")
-  return out, record
+    record.check(held, "output_dir", changeable=RESUME_CHANGEABLE)
+  done = None
+  if config.overwrite and out.is_dir() and common.is_writer_of(config):
+    done = common.replace_at_first_result(out, RUN_ENTRIES)
+  return out, record, done
 
 
+@common.stage_run
 def run(config: ml_collections.ConfigDict) -> None:
   from tqdm import tqdm
 
@@ -231,7 +254,7 @@ def run(config: ml_collections.ConfigDict) -> None:
   ckpt, model_cfg = common.inspect_checkpoint(config)
   tokenizer = common.load_tokenizer(config, ckpt, model_cfg)
   examples, held, counts = read_data(config, tokenizer, model_cfg.max_position_embeddings)
-  out, record = prepare_run_dir(config, common.to_settings(config, _RUN_KEYS))
+  out, record, replaced = prepare_run_dir(config, common.to_settings(config, _RUN_KEYS, _INPUT_KEYS))
 
   sharder = common.setup_mesh(config, "train")
   rows = train_data.pack(examples, config.seq_len, config.seed)
@@ -239,7 +262,7 @@ def run(config: ml_collections.ConfigDict) -> None:
   trainer = loop.Trainer.create(config, model_cfg, sharder, total)
   loader = train_data.make_loader(rows, global_batch=config.batch_size, seed=config.seed,
                                   local_rows=trainer.local_rows)
-  checkpoints, start = trainer.start_or_resume(config, out, record, loader)
+  checkpoints, start = trainer.start_or_resume(config, out, record, loader, on_first_save=replaced)
   if start == 0:
     trainer.load_params(checkpoint.load_model(ckpt, sharder=sharder).weights())
   if common.is_writer():

@@ -14,6 +14,7 @@ Loss masks (`loss_on`):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from astro_jax.data import DataError
+from astro_jax.data import DataError, parse_json_line
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +45,14 @@ class Example:
 @dataclasses.dataclass
 class DataCounts:
   """What reading did. rows = kept + dropped + skipped; `truncated` counts kept examples that were cut to length;
-  `tokens` and `target_tokens` are totals over the kept examples."""
+  `duplicates` kept rows whose conversation equals an earlier row's (they weigh twice: Direct-SFT data repeats rows
+  on purpose to match counts); `tokens` and `target_tokens` are totals over the kept examples."""
   rows: int = 0
   kept: int = 0
   truncated: int = 0
   dropped: int = 0
   skipped: int = 0
+  duplicates: int = 0
   tokens: int = 0
   target_tokens: int = 0
 
@@ -144,7 +147,8 @@ def read_examples(path: str | os.PathLike, tokenizer, *, max_length: int, loss_o
 
   Over-long examples (> max_length tokens) are cut to their first max_length tokens or dropped (`overlong`); an
   example left without targets is dropped. A bad row raises DataError at `path:line`, or is skipped and counted with
-  on_error="skip". A missing or empty file, or no example kept, is always an error.
+  on_error="skip". A duplicate (its conversation, messages or prompt + response, equals an earlier row's) is kept,
+  counted and named in one warning. A missing or empty file, or no example kept, is always an error.
   """
   for name, value, allowed in (("loss_on", loss_on, LOSS_ON), ("overlong", overlong, OVERLONG),
                                ("on_error", on_error, ON_ERROR)):
@@ -154,14 +158,16 @@ def read_examples(path: str | os.PathLike, tokenizer, *, max_length: int, loss_o
     raise ValueError(f"max_length must be at least 2, got {max_length}")
   where = os.fspath(path)
   examples, counts = [], DataCounts()
+  seen: dict[bytes, int] = {}  # digest of a conversation -> the line it first appeared on
+  first_duplicate = None  # (line, earlier line)
   for lineno, line in _lines(path):
     counts.rows += 1
+    earlier = None  # the line of an earlier row with the same conversation
     try:
-      try:
-        row = json.loads(line.decode("utf-8"))
-      except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"invalid JSON: {e}") from None
+      row = parse_json_line(line)
       messages = _messages_of(row)
+      digest = hashlib.blake2b(json.dumps(messages).encode(), digest_size=16).digest()
+      earlier = seen.setdefault(digest, lineno)
       tokens, mask = encode_conversation(tokenizer, messages, loss_on)
     except ValueError as e:  # chat-template errors are ValueErrors too
       if on_error == "raise":
@@ -170,6 +176,9 @@ def read_examples(path: str | os.PathLike, tokenizer, *, max_length: int, loss_o
       if counts.skipped <= _MAX_SKIP_WARNINGS:
         logger.warning("%s:%d: skipped: %s", where, lineno, e)
       continue
+    if earlier != lineno:
+      counts.duplicates += 1
+      first_duplicate = first_duplicate or (lineno, earlier)
     truncated = len(tokens) > max_length
     if truncated and overlong == "drop":
       counts.dropped += 1
@@ -186,6 +195,10 @@ def read_examples(path: str | os.PathLike, tokenizer, *, max_length: int, loss_o
     examples.append(Example(id=row_id, tokens=tokens, loss_mask=mask))
   if counts.skipped > _MAX_SKIP_WARNINGS:
     logger.warning("%s: %d rows skipped in all", where, counts.skipped)
+  if first_duplicate:
+    logger.warning("%s: %d row%s repeat%s an earlier row's conversation and weigh%s twice (the first: %s:%d, a "
+                   "repeat of line %d)", where, counts.duplicates, "s" * (counts.duplicates > 1),
+                   "" if counts.duplicates > 1 else "s", "" if counts.duplicates > 1 else "s", where, *first_duplicate)
   if not examples:
     raise DataError(f"{where}: no usable examples ({counts.rows} rows: {counts.dropped} dropped for length or no "
                     f"targets, {counts.skipped} skipped as bad)")

@@ -8,12 +8,10 @@ NaN-poisoned state is never saved) and at the end.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -31,19 +29,37 @@ from astro_jax.train import step as step_lib
 
 
 class NonFiniteLoss(UserError):
-  """The loss became NaN or infinite; the run stopped (its last good checkpoint is kept)."""
+  """The loss, the weights or the log-probs became NaN or infinite; the run stopped (its last good checkpoint is
+  kept)."""
+
+
+def stop_training(step: int, what: str, ckpts: checkpoints_lib.Checkpoints, error: type[UserError] = NonFiniteLoss,
+                  *, gave_it: int | None = None) -> NoReturn:
+  """`error`, one line: the step, what went wrong and the last good checkpoint (after pending saves finish).
+  `gave_it`: the step whose weights gave the non-finite value; its checkpoint, if saved, is deleted (it would only
+  replay the failure), so that `resume=true` goes on from the one before."""
+  ckpts.wait()
+  deleted = ""
+  if gave_it is not None and gave_it in ckpts.steps():
+    ckpts.delete(gave_it)
+    deleted = f"checkpoint {gave_it} holds the weights that gave it and was deleted; "
+  steps = ckpts.steps()
+  good = (f"the last good checkpoint is step {steps[-1]} in {ckpts.directory}" if steps
+          else f"no checkpoint is left in {ckpts.directory}" if deleted else "no checkpoint was written")
+  raise error(f"step {step}: {what}; {deleted}training stopped, {good}")
 
 
 def stop_if_not_finite(step: int, loss: float, grad_norm: float, ckpts: checkpoints_lib.Checkpoints,
-                       last_good: int | None) -> None:
-  """NonFiniteLoss naming the step and the last good checkpoint (after pending saves finish), unless both are
-  finite."""
-  if math.isfinite(loss) and math.isfinite(grad_norm):
+                       params_finite: bool = True, *, weights_of: int | None = None) -> None:
+  """NonFiniteLoss naming the step and the last good checkpoint, unless the loss, the gradient norm and the
+  updated weights (the step's `params_finite`) are all finite. `weights_of`: the step whose weights the loss was
+  computed with (its checkpoint goes when the loss or gradient is not finite; default step - 1)."""
+  if math.isfinite(loss) and math.isfinite(grad_norm) and params_finite:
     return
-  ckpts.wait()
-  good = (f"the last good checkpoint is step {last_good} in {ckpts.directory}" if last_good is not None
-          else "no checkpoint was written")
-  raise NonFiniteLoss(f"step {step}: loss is {loss} (grad norm {grad_norm}); training stopped, {good}")
+  if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+    stop_training(step, f"loss is {loss} (grad norm {grad_norm})", ckpts,
+                  gave_it=step - 1 if weights_of is None else weights_of)
+  stop_training(step, f"the updated weights are not finite (loss {loss}, grad norm {grad_norm})", ckpts)
 
 
 def local_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> slice:
@@ -105,13 +121,15 @@ class Trainer:
   @classmethod
   def create(cls, config: ml_collections.ConfigDict, cfg: ModelConfig, sharder: Sharder, total_steps: int,
              loss_fn: Callable | None = None, *, batch_size: int | None = None, seq_len: int | None = None,
-             batch_axes: dict[str, tuple[str, ...]] = step_lib.SFT_BATCH_AXES) -> "Trainer":
+             batch_axes: dict[str, tuple[str, ...]] = step_lib.SFT_BATCH_AXES,
+             batch_from: tuple[str, str] | None = None) -> "Trainer":
     """The optimizer, shardings and jitted step for this config (loss_fn: (cfg, run, sharder, params, batch) ->
     sums; default the token-mean next-token loss). batch_size / seq_len: the rows of one optimizer step and their
-    length (default config.batch_size / config.seq_len); batch_axes: the logical axes of each batch input."""
+    length (default config.batch_size / config.seq_len); batch_axes: the logical axes of each batch input;
+    batch_from: the config keys and values batch_size comes from, as errors name them (`step.check_batch`)."""
     batch_size = batch_size or config.batch_size
     seq_len = seq_len or config.seq_len
-    step_lib.check_batch(batch_size, config.grad_accum, sharder)
+    step_lib.check_batch(batch_size, config.grad_accum, sharder, batch_from)
     m, o = config.model, config.optimizer
     cfg = cfg.replace(param_dtype=m.param_dtype)
     run = Execution(dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers, attention_block=m.attention_block)
@@ -160,32 +178,27 @@ class Trainer:
     """Step 0: the start weights (cast to the master dtype, in the train sharding) and a fresh optimizer."""
     self.state = step_lib.init_state(self.placed(params, self.cfg.jnp_param_dtype), self.tx, self.state_shardings)
 
-  def start_or_resume(self, config: ml_collections.ConfigDict, out: Path, record, loader) -> tuple[
-      checkpoints_lib.Checkpoints, int]:
+  def start_or_resume(self, config: ml_collections.ConfigDict, out: Path, record, loader,
+                      on_first_save: Callable[[], None] | None = None) -> tuple[checkpoints_lib.Checkpoints, int]:
     """The checkpoint manager, and the step to start from: the newest good checkpoint's when resuming (the state
-    and `loader` are restored), else 0 (the run directory is cleared when overwriting)."""
-    from astro_jax.stages.common import is_writer
-    if not config.resume and out.exists() and config.overwrite and is_writer():
-      for name in ("checkpoints", "metrics.jsonl", "tensorboard", "loss.png", "rl.png", "eval", "hf",
-                   "run_config.json"):
-        path = out / name
-        if path.is_dir():
-          shutil.rmtree(path)
-        elif path.exists():
-          path.unlink()
+    and `loader` are restored), else 0. `record` (the run's settings) is written once the start is known;
+    `on_first_save` runs once the run's first checkpoint is durable (an overwritten run is dropped then)."""
+    writer = jax.process_index() == 0
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("run directory ready")
     out.mkdir(parents=True, exist_ok=True)
-    if is_writer():
-      record.record(stale=[])
-    ckpts = checkpoints_lib.Checkpoints(out / "checkpoints", keep=self.keep, async_save=self.async_save)
+    ckpts = checkpoints_lib.Checkpoints(out / "checkpoints", keep=self.keep, async_save=self.async_save,
+                                        on_first_save=on_first_save if writer else None)
     restored = ckpts.restore_latest(self.abstract_state(), delete_broken=True) if config.resume else None
+    step = 0 if restored is None else restored[0]
+    if writer:
+      record.record(stale=[], at_step=step)
     if restored is None:
       if config.resume:
         print(f"resume: no checkpoint in {out / 'checkpoints'}; starting at step 0")
       return ckpts, 0
-    step, self.state, data_state = restored
+    _, self.state, data_state = restored
     loader.set_state(data_state)
     print(f"resumed from step {step} ({out / 'checkpoints'})")
     return ckpts, step
@@ -219,7 +232,6 @@ class Trainer:
     flops_per_token = metrics.train_flops_per_token(self.cfg, self.seq_len)
     tokens_per_step = self.batch_size * self.seq_len
     n_devices = jax.device_count()
-    last_good = start if ckpts.steps() else None
     pending: tuple[int, dict, dict] | None = None
     clock = [time.perf_counter()]
 
@@ -229,7 +241,7 @@ class Trainer:
       now = time.perf_counter()
       seconds, clock[0] = now - clock[0], now
       loss = float(m["loss"])
-      stop_if_not_finite(s, loss, float(m["grad_norm"]), ckpts, last_good)
+      stop_if_not_finite(s, loss, float(m["grad_norm"]), ckpts, bool(m["params_finite"]))
       tps = tokens_per_step / max(seconds, 1e-9)
       row = {"step": s, "loss": loss, "grad_norm": float(m["grad_norm"]), "lr": float(self.schedule(s - 1)),
              "tokens_per_s": tps, "mfu": metrics.mfu(tps, flops_per_token, n_devices, self.peak_flops),
@@ -237,6 +249,7 @@ class Trainer:
       return {**row, **extra}
 
     for s in range(start + 1, self.total_steps + 1):
+      ckpts.check()  # a background save that failed stops the run at once
       batch = self.put_batch(next(loader))
       self.state, device_metrics = self.step_fn(self.state, batch)
       if pending is not None:
@@ -249,7 +262,6 @@ class Trainer:
         yield finish(pending)  # a state is saved only once its loss is known to be finite
         pending = None
         ckpts.save(s, self.state, loader.get_state())
-        last_good = s
     if pending is not None:
       yield finish(pending)
     ckpts.wait()
@@ -261,19 +273,14 @@ class Trainer:
 
     from astro_jax import checkpoint
     from astro_jax.model.llama import abstract_model
-    from astro_jax.stages.common import is_writer
-    params = host_params(self.state["params"], keep=is_writer())
-    if not is_writer():
+    writer = jax.process_index() == 0
+    params = host_params(self.state["params"], keep=writer)
+    if not writer:
       return None
     graphdef, abs_state = nnx.split(abstract_model(self.cfg))
     nnx.replace_by_pure_dict(abs_state, params)
     model = nnx.merge(graphdef, abs_state)
-    if checkpoint.checkpoint_kind(source_ckpt) == "orbax":
-      hf_config, generation = checkpoint.hf_extras(source_ckpt)
-    else:
-      hf_config = json.loads((Path(source_ckpt) / "config.json").read_text())
-      gen_path = Path(source_ckpt) / checkpoint.GENERATION_CONFIG_FILE
-      generation = json.loads(gen_path.read_text()) if gen_path.exists() else None
+    hf_config, generation = checkpoint.hf_extras(source_ckpt)
     tok = tokenizer_dir or checkpoint.tokenizer_dir_of(source_ckpt)
     return checkpoint.save_hf(model, out_dir, tokenizer_dir=tok, hf_config=hf_config, generation_config=generation,
                               overwrite=True)

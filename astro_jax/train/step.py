@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from typing import Any, Callable
 
 import jax
@@ -45,15 +46,18 @@ def batch_sharding(sharder: Sharder) -> NamedSharding:
   return sharder.named(("batch", "seq"))
 
 
-def check_batch(batch_size: int, accum: int, sharder: Sharder) -> None:
+def check_batch(batch_size: int, accum: int, sharder: Sharder, batch_from: tuple[str, str] | None = None) -> None:
   """ConfigError unless every micro-batch splits evenly over the batch axes (else each device would silently
-  compute a replicated micro-batch, or the batch could not be placed at all)."""
+  compute a replicated micro-batch, or the batch could not be placed at all). batch_from: how the config makes the
+  batch_size rows, as (keys, values), e.g. ("batch_prompts x group_size", "4 x 2"); default ("batch_size", N)."""
   from astro_jax.errors import ConfigError
   shards = math.prod(sharder.mesh.shape[a] for a in (dict(sharder.rules)["batch"] or ()))
   if (batch_size // accum) % shards:
-    raise ConfigError(f"config key 'batch_size' = {batch_size}: batch_size / grad_accum = {batch_size // accum} "
-                      f"rows per micro-batch must be a multiple of the devices the batch is split over (mesh "
-                      f"data x fsdp = {shards})")
+    keys, values = batch_from or ("batch_size", str(batch_size))
+    named = [k for k in re.findall(r"[A-Za-z_][\w.]*", keys) if k != "x"] + ["grad_accum", "mesh"]  # x: times
+    raise ConfigError(f"config keys {', '.join(map(repr, named))}: {keys} / grad_accum = {values} / {accum} = "
+                      f"{batch_size // accum} rows per micro-batch must be a multiple of the devices the batch is "
+                      f"split over (mesh data x fsdp = {shards})")
 
 
 def init_state(params: dict, tx: optax.GradientTransformation, shardings: TrainState | None = None) -> TrainState:
@@ -99,7 +103,10 @@ def train_step(loss_fn: LossFn, tx: optax.GradientTransformation, accum: int, sh
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state["opt_state"], params)
   new_params = optax.apply_updates(params, updates)
-  metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "weight": weight_sum,
+  # params_finite: every updated weight is finite (an update can blow the weights up past float range while the
+  # loss and gradients it came from were finite); the loop stops on it before the state is saved
+  params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)]))
+  metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "weight": weight_sum, "params_finite": params_finite,
              **extra}  # extra sums as they are: each has its own denominator (e.g. clipped tokens / tokens)
   return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
