@@ -173,16 +173,17 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False,
       _remove(tmp)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str | Iterable[str]) -> None:
-  """Write text (or chunks of it) to a temporary sibling, fsync, then rename over `path`: `path` is always either
-  the old file or the complete new one. The file gets umask modes; dead writers' leftovers are removed first."""
+def write_text_atomic(path: str | os.PathLike, text: str | bytes | Iterable[str]) -> None:
+  """Write text (or chunks of it, or bytes) to a temporary sibling, fsync, then rename over `path`: `path` is always
+  either the old file or the complete new one. The file gets umask modes; dead writers' leftovers are removed first."""
   path = _output_path(path)
   remove_stale_leftovers(path)
   fd, tmp = tempfile.mkstemp(prefix=_sibling_prefix(path, "tmp"), dir=path.parent)
+  binary = isinstance(text, bytes)
   try:
     os.fchmod(fd, 0o666 & ~umask())
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      for chunk in ([text] if isinstance(text, str) else text):
+    with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
+      for chunk in ([text] if isinstance(text, (str, bytes)) else text):
         f.write(chunk)
       f.flush()
       os.fsync(f.fileno())

@@ -13,7 +13,8 @@ right, 8 of 12 solved by one of 8 samples).
   search's one-example prompt (search.policy EXAMPLE_PROBLEM / EXAMPLE_SOLUTION, the ASTRO instruction; SmolLM2
   writes \\boxed{} only after a worked example; rl's defaults are zero-shot), T = 0.7 (T = 1.0 makes this model's
   arithmetic mostly noise), 128 new tokens. An rl run on the kept prompts must use the same prompt.* and sampling.*.
-* n = 8 samples per problem (the paper's 8-16).
+* n = 8 samples per problem: our choice. The paper gives no number (§3.2 only says RL uses "moderately difficult"
+  prompts; how they were picked is not stated).
 * batch_size 96: all 12 x 8 rows in one sampler call.
 """
 import os

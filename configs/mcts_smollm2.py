@@ -14,8 +14,9 @@ Sized to finish in a few minutes on 2 CPU cores (measured: 4.1 min on an idle ma
   rows: one sampler call (one program at batch_size 64) each. Rollouts dominate the time (a batch decodes until its
   longest row stops).
 * graft_rollouts on: with so few proposals a tree has few terminals of its own; grafting keeps the rollouts' paths
-  (and their correct and wrong final answers) as nodes, so there are wrong answers to backtrack from (measured: 27
-  terminals and 11 distinct wrong answers per tree with it, 4 and 1.2 without).
+  (and their correct and wrong final answers) as nodes, so there are wrong answers to backtrack from (measured: 25
+  terminals and 9.5 distinct wrong answers per tree with it, docs/smollm2_run/ (3 of 4 solved, 387 s); 4 and 1.2
+  without, measured before grafted rollouts were counted once in Q).
 * T=0.7 as measured above (T=1.0 makes this model's arithmetic mostly noise); 64 tokens per step and 128 per
   rollout cover a whole solution of this model (its sentences are ~20-40 tokens).
 * Self-evaluation off: SmolLM2 rarely ends a vote with "Verdict: Yes/No" (2 of 8 votes on a correct solution were

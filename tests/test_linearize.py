@@ -2,6 +2,7 @@ r"""Linearization (Algorithm 1) and procedure cloning to language on constructed
 from __future__ import annotations
 
 import itertools
+import random
 import re
 from fractions import Fraction
 
@@ -106,16 +107,18 @@ def boxed(text):
 
 
 def check_walk(tree, trace):
-  """The events are a walk in the tree: each step is a child of the previous step or of the backtrack target."""
-  at = tree.root
+  """The events are a walk in the tree: each step is a child of the previous step or of the backtrack target, a
+  target is a node narrated before (or the root), and no node is narrated twice."""
+  at, narrated = tree.root, {tree.root}
   wrong = list(trace.wrong)
   for event in trace.events:
     if isinstance(event, Step):
-      assert tree.parent(event.node) == at
+      assert tree.parent(event.node) == at and event.node not in narrated
       at = event.node
+      narrated.add(at)
     else:
       assert event.failed == at == wrong.pop(0) and tree.nodes[at]["correct"] is False and tree.nodes[at]["answer"]
-      assert event.to in tree.path(event.failed)[:-1]  # an ancestor of the failed node
+      assert event.to in narrated and not tree.nodes[event.to].get("terminal")
       assert event.restart == (event.to == tree.root)
       at = event.to
   assert at == trace.correct and not wrong and tree.nodes[at]["correct"] is True
@@ -147,14 +150,97 @@ def test_k0_is_the_plain_root_path():
     assert trace.k == 0 and trace.events == tuple(Step(n) for n in tree.path(correct)[1:])
 
 
-def test_backtrack_to_lca_and_restart_at_root():
+def test_backtrack_to_the_deepest_narrated_node_and_restart_at_root():
   tree = linearize.TreeIndex(tree_a())
+  # Algorithm 1: L = [1, 4, 5]; path(8) - L = [7, 8], 7's parent is the root (a restart); path(3) - L = [2, 3]:
+  # node 1 was narrated on the way to 5, so the trace returns to it, not to the root (it never repeats step 1).
   trace = linearize.merge_paths(tree, [5, 8], 3)
   assert trace.events == (Step(1), Step(4), Step(5), Backtrack(failed=5, to=0, restart=True),
-                          Step(7), Step(8), Backtrack(failed=8, to=0, restart=True), Step(1), Step(2), Step(3))
+                          Step(7), Step(8), Backtrack(failed=8, to=1, restart=False), Step(2), Step(3))
   trace = linearize.merge_paths(tree, [5], 3)
   assert trace.events == (Step(1), Step(4), Step(5), Backtrack(failed=5, to=1, restart=False), Step(2), Step(3))
   assert trace.to_json() == [["step", 1], ["step", 4], ["step", 5], ["backtrack", 1], ["step", 2], ["step", 3]]
+
+
+def tree_lca():
+  """Wrong A->B->X, wrong A->C->Y, correct A->B->Z: after Y the LCA with Z is A, but B was already narrated."""
+  return with_depths({"id": "L", "problem": "What is $3 + 4$?", "answer": "7", "nodes": [
+      node(0, None, ""), node(1, 0, "A: we add the two numbers."), node(2, 1, "B: three plus four."),
+      node(3, 2, "X: so \\boxed{8}.", terminal=True, answer="8", correct=False),
+      node(4, 1, "C: four plus four."), node(5, 4, "Y: so \\boxed{9}.", terminal=True, answer="9", correct=False),
+      node(6, 2, "Z: so \\boxed{7}.", terminal=True, answer="7", correct=True)]})
+
+
+def test_backtrack_returns_to_an_already_narrated_node_not_the_lca():
+  tree = linearize.TreeIndex(tree_lca())
+  # Algorithm 1 by hand: L = [A, B, X]; path(Y) - L = [C, Y] (C's parent A: back to A); path(Z) - L = [Z], whose
+  # parent B is in L: back to B. The LCA of Y and Z is A, which would narrate B a second time.
+  trace = linearize.merge_paths(tree, [3, 5], 6)
+  assert trace.events == (Step(1), Step(2), Step(3), Backtrack(failed=3, to=1, restart=False), Step(4), Step(5),
+                          Backtrack(failed=5, to=2, restart=False), Step(6))
+  check_walk(tree, trace)
+  text = render.render_trace(tree, trace, linearize.derived_rng(0, "t"), render.RenderConfig()).text
+  assert text.count("B: three plus four") == 2  # the step and the second backtrack's quote of it
+  jumps = [p for p in text.split("\n\n") if prompts.count_backtracks(p)]
+  assert '"A: we add the two numbers"' in jumps[0] and '"B: three plus four"' in jumps[1]
+
+
+def algorithm1(record, terminals):
+  """Brute-force Algorithm 1 on a raw record: L <- L + (path(n) - L) for each terminal; each new suffix is entered
+  from the parent of its first node (a backtrack after every terminal but the last)."""
+  parent = {n["id"]: n["parent"] for n in record["nodes"]}
+  root = next(i for i, p in parent.items() if p is None)
+  L, events = [root], []
+  for n in terminals:
+    path = [n]
+    while parent[path[-1]] is not None:
+      path.append(parent[path[-1]])
+    new = [x for x in reversed(path) if x not in L]
+    if len(L) > 1:
+      events.append(["backtrack", parent[new[0]]])
+    events += [["step", x] for x in new]
+    L += new
+  return events
+
+
+def random_tree(seed, n_nodes=40):
+  """A random tree record: terminals are leaves (the search never descends below one), answers from a small pool."""
+  rng = random.Random(seed)
+  nodes, open_ = [node(0, None, "")], [0]
+  for i in range(1, n_nodes):
+    parent = rng.choice(open_)
+    if rng.random() < 0.45:
+      answer = rng.choice(["1", "2", "3", "4", "5", None])
+      nodes.append(node(i, parent, f"step {i}: \\boxed{{{answer}}}", q=rng.random(), terminal=True, answer=answer,
+                        correct=answer == "1"))
+    else:
+      nodes.append(node(i, parent, f"step {i}.", q=rng.random()))
+      open_.append(i)
+  return with_depths({"id": f"R{seed}", "problem": "p", "answer": "1", "nodes": nodes})
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_merge_equals_brute_force_algorithm1_and_never_repeats_a_step(seed):
+  record = random_tree(seed)
+  tree = linearize.TreeIndex(record)
+  terminals = tree.terminals()
+  correct = [t for t in terminals if tree.nodes[t]["correct"]]
+  wrong = [t for t in terminals if not tree.nodes[t]["correct"] and tree.nodes[t]["answer"]]
+  if not correct:
+    return
+  rng = random.Random(seed)
+  for _ in range(20):
+    picked = rng.sample(wrong, rng.randint(0, min(4, len(wrong))))  # any order, not only DFS order
+    trace = linearize.merge_paths(tree, picked, rng.choice(correct))
+    assert trace.to_json() == algorithm1(record, [*picked, trace.correct])
+    check_walk(tree, trace)
+  lin = linearize.linearize_tree(record, LinearizeConfig(seed=seed, ks=MANY.ks, attempts=8), equal=str.__eq__)
+  for trace in lin.search + lin.direct:
+    check_walk(tree, trace)
+  sft, _ = rows(record, LinearizeConfig(seed=seed, ks=MANY.ks, attempts=8), equal=str.__eq__)
+  for r in sft:  # each node's text appears once as a step (backtrack quotes aside)
+    steps = [n for kind, n in r["events"] if kind == "step"]
+    assert len(steps) == len(set(steps))
 
 
 @pytest.mark.parametrize("equal", [scripted_equal, real_equal], ids=["scripted", "compare_answers"])
@@ -350,6 +436,54 @@ def test_positive_reflections_after_high_q_steps():
   none = render.render_trace(tree, trace, linearize.derived_rng(0, "x"),
                              render.RenderConfig(max_positive_per_segment=0, positive_final=False))
   assert none.n_positive == 0 and prompts.count_reflections(none.text) == 1
+
+
+def graft_chain(both_through_b: bool):
+  """A tree searched with grafting and M = 2: A's two rollouts are the grafted nodes below it (non-terminals have no
+  R of their own, N = the rollouts through a node). Rollouts "B, D, 6" and either "B, E, 6" or "C, 9"."""
+  nodes = [node(0, None, ""), node(1, 0, "A: we add three and three."), node(2, 1, "B: three plus three is six."),
+           node(3, 2, "D: so we have six."),
+           node(4, 3, "The answer is \\boxed{6}.", terminal=True, answer="6", correct=True)]
+  if both_through_b:
+    nodes += [node(5, 2, "E: six it is."),
+              node(6, 5, "The answer is \\boxed{6}.", terminal=True, answer="6", correct=True)]
+  else:
+    nodes += [node(5, 1, "C: three times three is nine."),
+              node(6, 5, "The answer is \\boxed{9}.", terminal=True, answer="9", correct=False)]
+  q = [1.0] * 7 if both_through_b else [0.5, 0.5, 1.0, 1.0, 1.0, 0.0, 0.0]  # Q(A) = (1*1 + 0*1) / 2 with C
+  for n in nodes:
+    n["R"], n["Q"] = float(n["correct"]) if n["terminal"] else None, q[n["id"]]
+  nodes[2]["N"] = 2 if both_through_b else 1
+  return with_depths({"id": "G", "problem": "What is $3 + 3$?", "answer": "6", "nodes": nodes})
+
+
+def test_q_samples_by_hand():
+  one, both = linearize.TreeIndex(graft_chain(False)), linearize.TreeIndex(graft_chain(True))
+  assert [render.q_samples(one, i, rollouts=2) for i in range(1, 7)] == [2, 1, 1, 1, 1, 1]
+  assert [render.q_samples(both, i, rollouts=2) for i in range(1, 7)] == [2, 2, 1, 1, 1, 1]
+  # Without grafting a non-terminal's own R is M rollouts: node 2 of tree A is 8 + its terminal 3 (N = 1); node 1
+  # is 8 + node 2 (9) + node 4 (8 + two terminals) = 27.
+  a = linearize.TreeIndex(tree_a())
+  assert [render.q_samples(a, i, rollouts=8) for i in (1, 2, 4, 10)] == [27, 9, 10, 18]
+
+
+def test_positive_reflection_needs_min_visits_samples():
+  for both in (False, True):
+    tree = linearize.TreeIndex(graft_chain(both))
+    trace = linearize.merge_paths(tree, [], 4)  # A, B, D, answer: D is right before the answer (never)
+    after = lambda **kw: render._positive_after(tree, trace, render.RenderConfig(**kw))  # noqa: E731
+    if not both:  # B's Q = 1 rests on one grafted rollout: no "this holds up" after it; A's Q = 0.5 is too low
+      assert after(rollouts=2) == set() and after() == set() and after(rollouts=2, min_visits=2) == set()
+      assert after(rollouts=2, min_visits=1) == {1}
+      out = render.render_trace(tree, trace, linearize.derived_rng(0, "x"), render.RenderConfig(rollouts=2))
+      assert out.n_positive == 1 and out.text.split("\n\n")[2].startswith("D: so we have six")  # only the final
+    else:  # both rollouts went through B: A and B rest on 2 = M samples (A first on the tie)
+      assert after(rollouts=2) == {0} and after(rollouts=2, max_positive_per_segment=2) == {0, 1}
+      assert after(rollouts=2, min_visits=3) == set() and after() == set()  # default M = 16 > 2 samples
+  tree = linearize.TreeIndex(tree_a())  # without grafting every non-terminal rests on >= M samples (its own R)
+  trace = linearize.merge_paths(tree, [5], 3)
+  assert render._positive_after(tree, trace, render.RenderConfig()) == {0}
+  assert render._positive_after(tree, trace, render.RenderConfig(rollouts=8, min_visits=28)) == set()  # 27 < 28
 
 
 def test_template_combinations_count_once():

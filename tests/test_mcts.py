@@ -324,6 +324,67 @@ def test_graft_rollouts():
   assert all(plain[0].tree.tokens[i] for i in range(1, len(plain[0].tree)))
 
 
+class GraftScripted(Scripted):
+  """Fixed proposals; rollouts as (text, answer) pairs per root path (text: steps joined by blank lines)."""
+
+  def rollout(self, requests):
+    self.requests += requests
+    return [[Rollout(text, [0], answer, True) for text, answer in self.rollouts[r.steps]] for r in requests]
+
+
+GRAFT = GraftScripted(
+    proposals={(): [step("a"), step("b")], ("a",): [step(" P "), step("v")]},
+    rollouts={("a",): [("p\n\nq\n\n\\boxed{1}", "1"), ("p\n\nr\n\n\\boxed{2}", "2"), ("s\n\n\\boxed{1}", "1")],
+              ("b",): [("t\n\n\\boxed{1}", "1"), ("t\n\n\\boxed{3}", "3"), ("", None)],
+              ("a", "v"): [("\\boxed{1}", "1"), ("\\boxed{2}", "2"), ("w\n\n\\boxed{2}", "2")]})
+
+
+def test_grafted_rollouts_count_once_in_a_hand_computed_run():
+  cfg = SearchConfig(k=2, rollouts=3, iterations=2, max_depth=10, c_puct=1.0, prior="uniform", graft_rollouts=True)
+  (result,), _ = search([{"id": 0, "problem": "p", "answer": "1"}], GRAFT, exact_judge(), cfg)
+  t = result.tree
+  # it 1: root -> a (1), b (2). a's rollouts, grafted in order: p (3) q (4) [1] (5); p r (6) [2] (7); s (8) [1] (9).
+  #       b's: t (10) [1] (11); t [3] (12); the empty rollout: an empty terminal (13), no answer.
+  #       Each rollout counts once, at every node it passes: N(p) = 2, N(t) = 2, all other grafted nodes N = 1;
+  #       grafted non-terminals (and a, b, whose rollouts they are) have no R of their own.
+  #       Q(p) = (1*1 + 0*1) / 2 = 1/2, Q(s) = 1;  Q(a) = (1/2*2 + 1*1) / 3 = 2/3 = mean(1, 0, 1), N(a) = 1.
+  #       Q(t) = (1 + 0) / 2 = 1/2;  Q(b) = (1/2*2 + 0*1) / 3 = 1/3 = mean(1, 0, 0), N(b) = 1.
+  #       root: N = 1, Q = (2/3*1 + 1/3*1) / 2 = 1/2.
+  # it 2: PUCT at the root (P = 1/2, sqrt(1) = 1): a: 2/3 + 1/2 * 1/2 = 0.917, b: 1/3 + 1/4 = 0.583 -> a, not yet
+  #       expanded (its grafted children do not make it so) -> a is the leaf. Proposals " P " (a duplicate of the
+  #       grafted p: dropped) and v (14); v's rollouts: [1] (15), [2] (16), w (17) [2] (18): Q(v) = 1/3, N(v) = 1.
+  #       Backup: a: N = 2, Q = (1/2*2 + 1*1 + 1/3*1) / (2 + 1 + 1) = 7/12;  root: N = 2,
+  #       Q = (7/12*2 + 1/3*1) / (2 + 1) = 1/2.
+  assert t.text == ["", "a", "b", "p", "q", "\\boxed{1}", "r", "\\boxed{2}", "s", "\\boxed{1}", "t", "\\boxed{1}",
+                    "\\boxed{3}", "", "v", "\\boxed{1}", "\\boxed{2}", "w", "\\boxed{2}"]
+  assert t.parent == [-1, 0, 0, 1, 3, 4, 3, 6, 1, 8, 2, 10, 10, 2, 1, 14, 14, 14, 17]
+  assert t.N == [2, 2, 1, 2, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1]
+  assert t.Q == pytest.approx([1 / 2, 7 / 12, 1 / 3, 1 / 2, 1, 1, 0, 0, 1, 1, 1 / 2, 1, 0, 0, 1 / 3, 1, 0, 0, 0])
+  terminal = [5, 7, 9, 11, 12, 13, 15, 16, 18]
+  assert t.R == [1.0 if i in (5, 9, 11, 15) else 0.0 if i in terminal else None for i in range(len(t))]
+  assert [i for i in range(len(t)) if t.terminal[i]] == terminal
+  assert [t.correct[i] for i in terminal] == [True, False, True, True, False, False, True, False, False]
+  assert t.answer[13] is None and result.iterations == 2
+  for c in (1, 2, 14):  # each sampled child's M rollouts: once, through its grafted children
+    assert sum(t.N[g] for g in t.children[c] if not t.tokens[g]) == cfg.rollouts
+  check_invariants(t)
+
+
+def test_every_grafted_rollout_ends_at_one_terminal():
+  policy = GraftScripted(proposals={(): [step("a")]}, rollouts={("a",): [
+      ("p\n\nq\n\n\\boxed{1}", "1"), ("p", None), ("p\n\nq\n\n\\boxed{1}\n\nso 1", "1")]})
+  cfg = SearchConfig(k=1, rollouts=3, iterations=1, max_depth=10, prior="uniform", graft_rollouts=True)
+  (result,), _ = search([{"id": 0, "problem": "p", "answer": "1"}], policy, exact_judge(), cfg)
+  t = result.tree
+  # a (1); p (2) q (3) [1] (4); "p" ends on p, which the first rollout went past: an empty terminal (5) under p;
+  # the third reaches the terminal [1] and stops there. N: p = 3, q = 2, [1] = 2, "" = 1.
+  # Q(p) = (1*2 + 0*1) / 3 = 2/3 = Q(a) = mean(1, 0, 1); root: N = 1, Q = 2/3.
+  assert t.text == ["", "a", "p", "q", "\\boxed{1}", ""] and t.parent == [-1, 0, 1, 2, 3, 2]
+  assert t.N == [1, 1, 3, 2, 2, 1] and t.Q == pytest.approx([2 / 3, 2 / 3, 2 / 3, 1, 1, 0])
+  assert t.R == [None, None, None, None, 1.0, 0.0] and t.terminal == [False] * 4 + [True, True]
+  check_invariants(t)
+
+
 @pytest.mark.parametrize("graft", [False, True])
 def test_record_round_trip_is_exact(graft):
   cfg = SearchConfig(k=4, rollouts=3, iterations=6, max_depth=6, seed=7, graft_rollouts=graft)

@@ -181,6 +181,14 @@ def test_shipped_mcts_configs_pass_the_value_and_context_checks(smol_tok):
   assert len(stage.load_problems(main.load_config_file(f"{REPO}/configs/mcts_smollm2.py"))) == 4
 
 
+def test_render_min_visits_defaults_to_the_rollouts():
+  from astro_jax.stages import mcts as stage
+  config = stage_config(**{"search.rollouts": 3})
+  assert config.render.min_visits == 0 and stage.render_config(config).samples_needed == 3
+  config = stage_config(**{"search.rollouts": 3, "render.min_visits": 5})
+  assert stage.render_config(config).samples_needed == 5 and stage.render_config(config).rollouts == 3
+
+
 # --- batching and resume on a tiny random model -----------------------------------------------------------------
 
 def test_sampler_calls_per_round_do_not_depend_on_the_number_of_problems(tiny_dir):
@@ -293,6 +301,7 @@ def test_bad_config_and_input_are_rejected_before_the_model_loads(tmp_path, tiny
            ({"self_eval.prompt": "no fields"}, ConfigError, r"self_eval\.prompt.*\{problem\}"),
            ({"rewrite.prompt": "{context} {oops}"}, ConfigError, r"rewrite\.prompt"),
            ({"render.templates.backtrack": ("no placeholder",)}, ConfigError, r"render\.templates\.backtrack"),
+           ({"render.min_visits": -1}, ConfigError, r"'render\.min_visits' = -1"),
            ({"prompt.example_solution": "no box here"}, ConfigError, r"prompt\.example_solution"),
            ({"input": str(tmp_path / "missing.jsonl")}, UserError, r"'input'.*missing\.jsonl"),
            ({}, UserError, r"checkpoint.*no_such_checkpoint")]

@@ -253,6 +253,31 @@ def test_batch_rows_advantages_mask_and_padding():
     batch_rows([bad], {"a": [1]}, n_rows=2, seq_len=8)
 
 
+def test_no_signal_is_decided_on_correctness_not_on_the_overlong_penalty():
+  """Four wrong answers whose lengths differ inside the overlong buffer get different rewards (std scaling would
+  turn the gap into +-0.87 advantages): no signal all the same, so dynamic sampling drops the group and
+  zero_signal_fraction counts it. In the shuffled-reward control, signal is on the permuted rewards."""
+  from astro_jax.stages.rl import Group, _sample_metrics, has_signal
+  from astro_jax.train.rollouts import rewards
+  lengths = np.array([91, 93, 95, 97])
+  comps = [Completion([1] * n, [-0.1] * n, "eos", "") for n in lengths]
+
+  def group(pid, correct):
+    correct = np.asarray(correct, bool)
+    return Group(Problem(pid, "", ""), 0, comps, correct,
+                 rewards(correct, lengths, max_new_tokens=100, overlong="penalty", buffer=10))
+  all_wrong, all_right, mixed = group("w", [0, 0, 0, 0]), group("r", [1, 1, 1, 1]), group("m", [0, 1, 0, 0])
+  assert np.ptp(all_wrong.rewards) > 0 and np.ptp(all_right.rewards) > 0  # the shaped rewards do differ
+  assert _sample_metrics([all_wrong, all_right, mixed], writer=False)["zero_signal_fraction"] == pytest.approx(2 / 3)
+  assert [has_signal(g) for g in (all_wrong, all_right, mixed)] == [False, False, True]
+  # The control: rewards permuted across the round no longer belong to the responses; any difference is signal.
+  shuffled = Group(Problem("s", "", ""), 0, comps, np.zeros(4, bool), np.array([1.0, -1.0, -1.0, -1.0]))
+  assert has_signal(shuffled, shuffled=True) and not has_signal(shuffled)
+  flat = Group(Problem("f", "", ""), 0, comps, np.array([1, 0, 0, 0], bool), np.full(4, -1.0))
+  assert not has_signal(flat, shuffled=True)
+  assert _sample_metrics([shuffled, flat], writer=False, shuffled=True)["zero_signal_fraction"] == 0.5
+
+
 def test_prompt_stream_order_depends_on_seed_and_epoch_only():
   from astro_jax.train.rollouts import PromptStream
   ids = [f"p{i}" for i in range(7)]

@@ -146,9 +146,9 @@ def test_path_highlights_equal_the_trace_events(trace):
   record = tree_t()
   text, rows, index = page_of(record, trace)
   events = rows[index]["events"]
-  if trace == 2:  # k = 2: wrong 5 (under node 1), restart, wrong 7, restart, then node 1 again to the correct 3
+  if trace == 2:  # k = 2: wrong 5 (under node 1), restart, wrong 7, back to node 1 (narrated), to the correct 3
     assert events == [["step", 1], ["step", 4], ["step", 5], ["backtrack", 0], ["step", 6], ["step", 7],
-                      ["backtrack", 0], ["step", 1], ["step", 2], ["step", 3]]
+                      ["backtrack", 1], ["step", 2], ["step", 3]]
   page = Page(text)
   marks = sorted((int(a["data-event"]), t, a) for t, a in page.tags if "data-event" in a)
   assert [i for i, _, _ in marks] == list(range(len(events)))
@@ -163,7 +163,7 @@ def test_path_highlights_equal_the_trace_events(trace):
     if "backtrack" in a["class"].split():
       assert int(a["data-from"]) == events[i - 1][1] and record["nodes"][int(a["data-from"])]["correct"] is False
   on_path_nodes = sorted(int(a["data-id"]) for a in page.with_class("on-path", "g"))
-  assert on_path_nodes == sorted({int(a["data-node"]) for a in steps})  # a restart may pass a node twice
+  assert on_path_nodes == sorted(int(a["data-node"]) for a in steps)  # no node is narrated twice
   on_path_edges = {(int(a["data-from"]), int(a["data-to"])) for a in page.with_class("on-path", "path")}
   assert on_path_edges == {(record["nodes"][n]["parent"], n) for kind, n in events if kind == "step"}
   chips = [a["data-chip-node"] for t, a in page.tags if "data-chip-node" in a]

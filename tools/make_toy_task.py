@@ -6,11 +6,13 @@ r"""A toy verifiable task for RL on a CPU: one-digit sums answered by a tiny ran
       --config.prompts=OUT_DIR/prompts.jsonl --config.output_dir=RUN
 
 Writes OUT_DIR/model (a HF LlamaForCausalLM checkpoint with its tokenizer files) and OUT_DIR/prompts.jsonl (the 55
-problems "a + b" with a + b <= 9, answers "a+b"). The tokenizer is word-level over whitespace: <pad> <s> </s> <unk>,
-"+", "=", the digits, and one token per boxed answer ("\boxed{0}" ... "\boxed{9}"); its chat template renders a
-problem as "<s>a + b = ". A response is one token: the answer token is right when it boxes a + b (the real
-verifier reads it). The random start model is near-uniform over the 32 tokens, so ~1/32 of its samples are right:
-groups of 8 carry signal from the first step, and a reward that rises over a few dozen steps is learning.
+problems "a + b" with a + b <= 9, answers "a+b"), and the same problems split for configs/pipeline_tiny.py:
+OUT_DIR/train.jsonl (40) and OUT_DIR/test.jsonl (the 15 with a = b or a + b = 9). The tokenizer is word-level over
+whitespace: <pad> <s> </s> <unk>, "+", "=", the digits, and one token per boxed answer ("\boxed{0}" ...
+"\boxed{9}"); its chat template renders a problem as "<s>a + b = " (user turns only). A response is one token: the
+answer token is right when it boxes a + b (the real verifier reads it). The random start model is near-uniform over
+the 32 tokens, so ~1/32 of its samples are right: groups of 8 carry signal from the first step, and a reward that
+rises over a few dozen steps is learning.
 """
 from __future__ import annotations
 
@@ -56,8 +58,14 @@ def problems() -> list[dict]:
           for a in range(10) for b in range(10) if a + b <= 9]
 
 
+def held_out(problem: dict) -> bool:
+  """The test split: a = b or a + b = 9 (15 of the 55 problems)."""
+  a, b = (int(x) for x in problem["problem"].split(" + "))
+  return a == b or a + b == 9
+
+
 def make(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
-  """(checkpoint directory, prompts JSONL) of the toy task under out_dir."""
+  """(checkpoint directory, prompts JSONL) of the toy task under out_dir (and its train.jsonl / test.jsonl split)."""
   out = Path(out_dir)
   model_dir = out / "model"
   model_dir.mkdir(parents=True, exist_ok=True)
@@ -65,6 +73,8 @@ def make(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
   save_tokenizer(model_dir)
   prompts = out / "prompts.jsonl"
   prompts.write_text("".join(json.dumps(p) + "\n" for p in problems()))
+  for name, test in (("train.jsonl", False), ("test.jsonl", True)):
+    (out / name).write_text("".join(json.dumps(p) + "\n" for p in problems() if held_out(p) == test))
   return model_dir, prompts
 
 

@@ -6,8 +6,10 @@ is the root; see the `mcts` stage). Per tree:
   Ψ, Λ ← DFS(root)                   correct / wrong terminals (DFS does not descend below a terminal)
   Ψ'   ← self_eval(Ψ)                 the self-evaluation filter (an optional hook; off when None)
   for each trace i of the mix `ks`:   n* ~ Ψ', k wrong terminals with pairwise distinct answers ~ Λ
-    merge the root paths: each wrong branch is followed to its wrong final answer, then the trace returns to the
-    lowest common ancestor (LCA) of that terminal and the next path (a restart when it is the root), and it ends at n*.
+    merge the root paths, L <- L + (path(n) - L): each wrong branch is followed to its wrong final answer, then the
+    trace returns to the deepest node of the next path that it has already narrated (a restart when that is the
+    root) and goes on with the rest of that path; it ends at n*. No step is narrated twice: the target is the lowest
+    common ancestor (LCA) of the failed terminal and the next path only when no earlier branch shares more of it.
 
 The result is explicit: a `Trace` is a tuple of `Step(node)` and `Backtrack(failed, to, restart)` events, so the
 renderer never re-infers where a jump goes.
@@ -158,22 +160,23 @@ class Trace:
 
 
 def merge_paths(tree: TreeIndex, wrong: Sequence[int], correct: int) -> Trace:
-  """Algorithm 1's merge: each terminal's root path after the LCA with the previous terminal, joined by backtracks."""
+  """Algorithm 1's merge L <- L + (path(n) - L): each terminal's root path minus the nodes already narrated, entered
+  by a backtrack to the deepest node of that path that is already in L (the root: a restart). No node is narrated
+  twice; the target is the LCA with the previous terminal only when no earlier branch went deeper along the path."""
   events: list[Event] = []
-  prev: list[int] | None = None
+  narrated, failed = {tree.root}, None
   for terminal in [*wrong, correct]:
     path = tree.path(terminal)
-    start = 1
-    if prev is not None:
-      shared = 0
-      while shared < min(len(prev), len(path)) and prev[shared] == path[shared]:
-        shared += 1
-      if shared >= len(path) or shared >= len(prev):
-        raise ValueError(f"tree {tree.id!r}: terminal {terminal} and {prev[-1]} lie on one root path")
-      events.append(Backtrack(failed=prev[-1], to=path[shared - 1], restart=shared == 1))
-      start = shared
-    events.extend(Step(n) for n in path[start:])
-    prev = path
+    shared = 1  # the narrated nodes of a root path are a prefix of it: L is closed under taking parents
+    while shared < len(path) and path[shared] in narrated:
+      shared += 1
+    if shared == len(path) or failed in path:
+      raise ValueError(f"tree {tree.id!r}: terminal {terminal} lies on one root path with an earlier terminal")
+    if failed is not None:
+      events.append(Backtrack(failed=failed, to=path[shared - 1], restart=shared == 1))
+    events.extend(Step(n) for n in path[shared:])
+    narrated.update(path[shared:])
+    failed = terminal
   return Trace(correct=correct, wrong=tuple(wrong), events=tuple(events))
 
 

@@ -31,12 +31,22 @@ closed node, so every iteration expands a new node and samples something new; a 
 iterations on no new samples: here the search makes training data, and a terminal's value is already exact.
 
 Grafting (`graft_rollouts`, default False; a GAP in the paper): with it, each rollout's steps (its text split at the
-delimiter) are added under the child as nodes, merged by normalised text, the last one terminal with the rollout's
-answer (N = 1, R = mean reward of the rollouts through it, Q by the formula; token ids not kept). Off by default
+delimiter) are added under the child as nodes, merged by normalised text (token ids not kept). Every rollout ends at
+a terminal node: its last step, with the rollout's answer and verdict (an empty step for a rollout without text, or
+for one that ends on a step another rollout went past); one that reaches a terminal already there (the depth limit,
+or a step another rollout ended on) stops at it and takes its verdict. Backup with grafting: each rollout counts
+ONCE. A grafted node's N is the number of rollouts through it; a grafted terminal's R is its verdict; a non-terminal
+has no R of its own, neither a grafted step nor the child whose rollouts they are (R = null: its rollouts are the
+grafted nodes below it), so its Q is Eq. 4 without the R term, as at the root: Q = sum_c Q(c) N(c) / sum_c N(c).
+The child's Q is then the mean reward of its M rollouts (what R gives it without grafting; only a rollout merged
+into a terminal with another verdict counts that terminal's), where adding R as well would count every rollout
+twice; its N stays 1 (one visit, evaluated by M rollouts), so its parent weighs it as without grafting. Later
+iterations add visits as usual (a grafted node's N = rollouts through it + iterations through it). Off by default
 because the paper's expansion adds "a node n_{t+1} for each S_{t+1}" -- the k children -- and uses rollouts only
 to estimate R (as do the secondary sources); grafting makes trees about M times larger, with chains whose values
-are single samples, that selection then walks and the linearizer would narrate. It is there for small models
-where a tree's correct terminals are few: rollouts that found the answer then stay in the tree.
+rest on few samples (one, on a step only one rollout took), that selection then walks and the linearizer would
+narrate (the renderer's positive reflections need `min_visits` samples). It is there for small models where a
+tree's correct terminals are few: rollouts that found the answer then stay in the tree.
 
 Batching: `BatchedSearch.step_round` advances every active tree by up to `leaves_per_tree` iterations (several
 leaves per tree use a virtual loss: each selection adds one loss-valued visit to its path, and a selected leaf is
@@ -253,7 +263,8 @@ def sibling_priors(logprobs: Sequence[float | None], mode: str) -> list[float]:
 
 
 def backed_up_q(tree: Tree, node: int) -> float:
-  """Eq. 4: (sum_c Q(c) N(c) + R(node)) / (sum_c N(c) + 1); without R (the root) the children's mean alone."""
+  """Eq. 4: (sum_c Q(c) N(c) + R(node)) / (sum_c N(c) + 1); without R (the root; with grafting, every non-terminal)
+  the children's visit-weighted mean alone."""
   kids = tree.children[node]
   num, den = sum(tree.Q[c] * tree.N[c] for c in kids), sum(tree.N[c] for c in kids)
   if tree.R[node] is not None:
@@ -417,9 +428,9 @@ class BatchedSearch:
       st.tokens_sampled += sum(len(r.tokens) for r in rs)
       rewards = [float(next(rollout_verdicts)) if r.answer is not None else 0.0 for r in rs]
       st.tree.R[c] = sum(rewards) / len(rewards) if rewards else 0.0
-      grafted = self._graft(st.tree, c, rs, rewards) if cfg.graft_rollouts else []
-      for g in reversed(grafted):
-        st.tree.Q[g] = backed_up_q(st.tree, g)
+      if cfg.graft_rollouts:  # R(c) becomes null: its rollouts count once, through the grafted nodes
+        for g in reversed(self._graft(st.tree, c, rs, rewards)):  # reverse creation order: children first
+          st.tree.Q[g] = backed_up_q(st.tree, g)
       st.tree.Q[c] = backed_up_q(st.tree, c)
 
     # Backup (Eq. 3-4) along each selected leaf's root path.
@@ -493,30 +504,38 @@ class BatchedSearch:
     return new
 
   def _graft(self, tree: Tree, child: int, rollouts: Sequence[Rollout], rewards: Sequence[float]) -> list[int]:
-    """Add the rollouts' steps under `child` as nodes (merged by normalised text); returns the new ids in order."""
+    """Add the rollouts' steps under `child` as nodes (merged by normalised text), each rollout ending at a terminal;
+    N of a grafted node = the rollouts through it, R = the verdict of a terminal, null otherwise (as R(child)).
+    Returns the new ids in creation order (see the module docstring)."""
     cfg = self.config
     created: list[int] = []
-    total: dict[int, float] = collections.defaultdict(float)
-    count: collections.Counter = collections.Counter()
+    visits: collections.Counter = collections.Counter()
+
+    def down(node: int, piece: str, last: bool, answer: str | None, reward: float) -> int:
+      key = normalize_step(piece)
+      match = next((c for c in tree.children[node] if normalize_step(tree.text[c]) == key), None)
+      if match is None:
+        terminal = last or tree.depth[node] + 1 >= cfg.max_depth
+        match = tree.add(node, piece, terminal=terminal, answer=answer if last else None)
+        if terminal:
+          tree.correct[match] = tree.answer[match] is not None and reward > 0
+        created.append(match)
+      visits[match] += 1
+      return match
+
     for rollout, reward in zip(rollouts, rewards):
-      pieces = [p for p in rollout.text.split(cfg.step_delimiter) if p.strip()]
+      pieces = [p for p in rollout.text.split(cfg.step_delimiter) if p.strip()] or [""]  # "": an empty rollout
       node = child
       for i, piece in enumerate(pieces):
-        if tree.terminal[node]:
+        node = down(node, piece, i == len(pieces) - 1, rollout.answer, reward)
+        if tree.terminal[node]:  # its last step, the depth limit, or a terminal another rollout ended on
           break
-        key, last = normalize_step(piece), i == len(pieces) - 1
-        match = next((c for c in tree.children[node] if normalize_step(tree.text[c]) == key), None)
-        if match is None:
-          terminal = last or tree.depth[node] + 1 >= cfg.max_depth
-          match = tree.add(node, piece, terminal=terminal, answer=rollout.answer if last else None)
-          if terminal:
-            tree.correct[match] = tree.answer[match] is not None and reward > 0
-          created.append(match)
-        total[match] += reward
-        count[match] += 1
-        node = match
+      if not tree.terminal[node]:  # it ended on a step another rollout went past: end it with an empty step
+        down(node, "", True, rollout.answer, reward)
+    tree.R[child] = None
     for g in created:
-      tree.R[g] = float(tree.correct[g]) if tree.terminal[g] else total[g] / count[g]
+      tree.N[g] = visits[g]
+      tree.R[g] = float(tree.correct[g]) if tree.terminal[g] else None
     for parent in {tree.parent[g] for g in created}:
       kids = tree.children[parent]
       for c, p in zip(kids, sibling_priors([tree.logprob[c] for c in kids], cfg.prior)):

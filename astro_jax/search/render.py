@@ -2,10 +2,10 @@ r"""Procedure cloning to language (paper §2.4): a linearized `Trace` as one nat
 
 Forward steps are paragraphs joined by blank lines (optionally smoothed by a `rewrite(context, step)` hook: the
 policy with `REWRITE_PROMPT`, off by default). After each wrong final answer comes one paragraph: a reflection
-question, a negative verdict, and a backtrack sentence that quotes the step it returns to (the LCA's first clause),
-or a restart sentence when the LCA is the root. After high-Q intermediate steps and after the final answer comes a
-reflection question with a positive verdict. Phrases are drawn from `Templates` (several paraphrases per kind) by a
-seeded RNG.
+question, a negative verdict, and a backtrack sentence that quotes the step it returns to (a step narrated before:
+its first clause), or a restart sentence when the trace returns to the root. After high-Q intermediate steps and
+after the final answer comes a reflection question with a positive verdict. Phrases are drawn from `Templates`
+(several paraphrases per kind) by a seeded RNG.
 
 Invariants, enforced here rather than hoped for (the rendered text is checked before it is returned):
 * `prompts.count_backtracks(text) == k`: every backtrack/restart template matches the backtrack regex exactly once
@@ -25,10 +25,12 @@ Invariants, enforced here rather than hoped for (the rendered text is checked be
 
 Choices where the paper is silent (config keys in `RenderConfig`):
 * Positive reflections: after at most `max_positive_per_segment` (1) intermediate step per forward segment (the
-  steps between two backtracks), the one with the highest Q (earliest on ties), when its Q >= `q_threshold` (0.8),
-  and after the final answer (`positive_final`). One per segment, not after every good step: the reflection should
-  mark a checkpoint, and a reflection after each step would drown the steps. Never right before a terminal step:
-  the terminal's own reflection (negative or positive) follows it at once.
+  steps between two backtracks), the one with the highest Q (earliest on ties), when its Q >= `q_threshold` (0.8)
+  and rests on at least `min_visits` samples (`q_samples`; default M = `rollouts`, what evaluates one new child),
+  so never on a step that a single grafted rollout took; and after the final answer (`positive_final`). One per
+  segment, not after every good step: the reflection should mark a checkpoint, and a reflection after each step
+  would drown the steps. Never right before a terminal step: the terminal's own reflection (negative or positive)
+  follows it at once.
 * The backtrack sentence quotes the target step's first sentence, cut at its first clause break (outside `$...$`)
   when it has more than `quote_words` (12) words, else at `quote_words` words with "..." (never inside math).
 * Traces in direct.jsonl are rendered with no reflections at all (the Direct-SFT ablation has neither reflection nor
@@ -127,11 +129,21 @@ class Templates:
 @dataclasses.dataclass(frozen=True)
 class RenderConfig:
   q_threshold: float = 0.8  # positive reflection after an intermediate step with Q >= this
+  min_visits: int = 0  # ... and whose Q rests on >= this many samples (`q_samples`; 0: `rollouts`)
+  rollouts: int = 16  # M of the search that built the tree: the samples behind a non-terminal's own R
   max_positive_per_segment: int = 1  # at most this many per forward segment (0: only after the final answer)
   positive_final: bool = True  # positive reflection after the final answer
   quote_words: int = 12  # longest quote of the target step in a backtrack sentence
   seed: int = 0
   templates: Templates = Templates()
+
+  def __post_init__(self):
+    if self.min_visits < 0 or self.rollouts < 1:
+      raise ValueError(f"need min_visits >= 0 and rollouts >= 1, got {self.min_visits}, {self.rollouts}")
+
+  @property
+  def samples_needed(self) -> int:
+    return self.min_visits or self.rollouts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,8 +260,23 @@ def step_gist(text: str, max_words: int = 12) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def q_samples(tree: TreeIndex, node: int, rollouts: int) -> int:
+  """How many outcomes Q(node) averages: N of each terminal in its subtree (1, or the grafted rollouts that ended
+  there) and `rollouts` (M) for each non-terminal's own R (none with grafting: those rollouts are the nodes below)."""
+  total, stack = 0, [node]
+  while stack:
+    n = stack.pop()
+    if tree.nodes[n].get("terminal"):
+      total += int(tree.nodes[n].get("N") or 1)
+    else:
+      total += rollouts if tree.nodes[n].get("R") is not None else 0
+      stack.extend(tree.children[n])
+  return total
+
+
 def _positive_after(tree: TreeIndex, trace: Trace, config: RenderConfig) -> set[int]:
-  """Event indices of intermediate steps that get a positive reflection (the best per forward segment)."""
+  """Event indices of intermediate steps that get a positive reflection (the best per forward segment among those
+  with Q >= q_threshold resting on >= min_visits samples)."""
   chosen: set[int] = set()
   segment: list[tuple[float, int]] = []
   events = [*trace.events, None]
@@ -258,7 +285,8 @@ def _positive_after(tree: TreeIndex, trace: Trace, config: RenderConfig) -> set[
       nxt = events[i + 1]
       before_terminal = isinstance(nxt, Step) and tree.nodes[nxt.node].get("terminal")
       q = float(tree.nodes[event.node].get("Q") or 0.0)
-      if isinstance(nxt, Step) and not before_terminal and q >= config.q_threshold:
+      if (isinstance(nxt, Step) and not before_terminal and q >= config.q_threshold
+          and q_samples(tree, event.node, config.rollouts) >= config.samples_needed):
         segment.append((-q, i))
       continue
     chosen.update(i for _, i in sorted(segment)[:config.max_positive_per_segment])

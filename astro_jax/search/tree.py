@@ -13,7 +13,8 @@ with nodes in id order and
            string); [] at the root and for steps that were not sampled as steps (grafted rollout steps);
   N, Q     visit count and backed-up value (see `astro_jax.search.mcts` for their exact definition);
   R        the node's own value: the mean reward of its rollouts, or the judge's reward of a terminal; null at the
-           root, which has no rollouts;
+           root, which has no rollouts, and with grafted rollouts at every non-terminal (its rollouts are the grafted
+           nodes below it, and count in Q through them);
   prior    the PUCT prior P among its siblings (1.0 at the root);
   answer   the extracted final answer of a terminal step, or null;
   correct  the judge's verdict on a terminal (false when it has no answer), null on non-terminals.

@@ -15,6 +15,7 @@ STAGES: dict[str, str] = {
     "sft": "astro_jax.stages.sft",
     "difficulty": "astro_jax.stages.difficulty",
     "rl": "astro_jax.stages.rl",
+    "pipeline": "astro_jax.stages.pipeline",
 }
 
 
@@ -32,9 +33,14 @@ def defaults(name: str):
 
 
 def flat_defaults(name: str) -> list[tuple[str, Any]]:
-  """(dotted key, default) for every leaf of a stage's defaults, in definition order."""
+  """(dotted key, default) for every leaf of a stage's own defaults, in definition order (a stage's SUBCONFIGS, other
+  stages' configs inside the pipeline's, are theirs: not listed)."""
+  nested = set(getattr(get(name), "SUBCONFIGS", ()))
+
   def walk(node, prefix):
     for key, value in node.items():
+      if not prefix and key in nested:
+        continue
       if isinstance(value, ml_collections.ConfigDict):
         yield from walk(value, f"{prefix}{key}.")
       else:
@@ -60,5 +66,8 @@ def config_tables_markdown() -> str:
       if key not in helps:
         raise KeyError(f"stage {name}: config key {key!r} has no help text")
       out.append(f"| `{key}` | `{shown}` | {helps[key]} |")
+    for sub in getattr(get(name), "SUBCONFIGS", ()):
+      out.append(f"| `{sub}.*` | the {sub} stage's defaults | every key of the `{sub}` stage (its table above), but "
+                 f"those this stage sets |")
     out.append("")
   return "\n".join(out)

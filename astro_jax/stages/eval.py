@@ -7,6 +7,9 @@ self-reflection / backtracking markers per response, each with a 95% confidence 
 `run_config.json` records the settings that shape results; a directory holding results of other settings is
 refused unless `overwrite`. A problem's k samples are seeded by (sampling.seed, problem id, sample index), so they
 do not depend on batch_size, limit or where a run resumed. k is `samples` (there is no sampling.n here).
+The prompt is `prompt.*`, rendered as the rl and difficulty stages render theirs (`search.policy.PromptConfig`:
+[system], [a worked example as an earlier chat turn], the problem + instruction); the default, zero-shot with the
+ASTRO instruction, is `prompts.math_messages`.
 """
 from __future__ import annotations
 
@@ -21,16 +24,19 @@ from tqdm import tqdm
 from astro_jax.stages import common, generate
 
 # Settings that change results: a resumed run must use the same ones.
-_RUN_KEYS = ("checkpoint", "tokenizer", "samples", "system_prompt", "sampling")
+_RUN_KEYS = ("checkpoint", "tokenizer", "samples", "prompt", "sampling")
 _INPUT_KEYS = ("checkpoint", "tokenizer", "benchmarks")  # recorded as resolved paths + content fingerprints
-RENAMED = {"sampling.n": "samples"}  # keys of other stages that are spelled differently here
+RENAMED = {"sampling.n": "samples", "system_prompt": "prompt.system"}  # other spellings (of other stages, or older)
 SAMPLING_HELP = {k: v for k, v in generate.SAMPLING_HELP.items() if k not in RENAMED}
 
 HELP = {
     "benchmarks": "comma-separated: math500, amc23, aime24, gsm8k, or JSONL paths (id, problem, answer)",
     "limit": "the first N problems of each benchmark (-1: all)",
     "samples": "k responses per problem (pass@k, maj@k)",
-    "system_prompt": "system message before each problem (\"\": none)",
+    "prompt.instruction": "appended to every problem",
+    "prompt.example_problem": "a worked example's problem as an earlier chat turn (\"\": zero-shot)",
+    "prompt.example_solution": "the example's solution (steps, a boxed final answer)",
+    "prompt.system": "system message before each problem (\"\": none)",
     "output_dir": "per-benchmark rows, summary.json, summary.md, run_config.json",
     "overwrite": "replace results made with other settings",
     "batch_size": "rows (problems x samples) per sampler call; does not change results",
@@ -44,7 +50,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.benchmarks = "math500,amc23,aime24"  # bundled names (math500, amc23, aime24, gsm8k) or JSONL paths
   c.limit = -1                           # the first N problems of each benchmark (-1: all)
   c.samples = 1                          # k responses per problem
-  c.system_prompt = ""
+  c.prompt = prompt_config()
   c.output_dir = "outputs/eval"
   c.overwrite = False
   c.batch_size = 16                      # rows per sampler call (problems x k)
@@ -56,6 +62,23 @@ def defaults() -> ml_collections.ConfigDict:
   c.sampling.max_new_tokens = 1024
   c.verifier = common.verifier_config()
   return c
+
+
+def prompt_config() -> ml_collections.ConfigDict:
+  """The prompt (as rl and difficulty render theirs, `search.policy.PromptConfig`); the default is zero-shot with the
+  ASTRO instruction, exactly `prompts.math_messages`."""
+  from astro_jax import prompts
+  return ml_collections.ConfigDict({"instruction": prompts.ASTRO_INSTRUCTION, "example_problem": "",
+                                    "example_solution": "", "system": ""})
+
+
+def settings(config: ml_collections.ConfigDict) -> dict:
+  """What run_config.json records. The default prompt is recorded as before the prompt.* keys (`system_prompt`), so
+  results written then still resume."""
+  values = common.to_settings(config, _RUN_KEYS, _INPUT_KEYS)
+  if values["prompt"] == {**prompt_config().to_dict(), "system": config.prompt.system}:
+    values["system_prompt"] = values.pop("prompt")["system"]
+  return values
 
 
 def benchmark_name(spec: str) -> str:
@@ -72,6 +95,9 @@ def check(config: ml_collections.ConfigDict) -> None:
   common.require(bool(config.output_dir), "output_dir", config.output_dir, "an output directory is required")
   common.check_verifier(config)
   common.check_sampling(config.sampling, n=config.samples)
+  p = config.prompt
+  common.require(not (p.example_problem and not p.example_solution.strip()), "prompt.example_solution",
+                 p.example_solution, "an example problem needs its solution")
 
 
 def benchmark_specs(config: ml_collections.ConfigDict) -> list[str]:
@@ -91,23 +117,23 @@ def load_problems(config: ml_collections.ConfigDict) -> dict:
 
 @common.stage_run
 def run(config: ml_collections.ConfigDict) -> None:
-  from astro_jax import data, eval_metrics, files, prompts, verifier
+  from astro_jax import data, eval_metrics, files, verifier
   from astro_jax.sampler import Sampler
+  from astro_jax.search.policy import PromptConfig, search_prompt_ids
 
   check(config)
   problems = load_problems(config)
   ckpt, model_cfg = common.inspect_checkpoint(config)
   tokenizer = common.load_tokenizer(config, ckpt, model_cfg)
-  system = config.system_prompt or None
-  prompt_ids = {(name, p.id): tokenizer.encode_prompt(tokenizer.chat(prompts.math_messages(p.problem, system)))
-                for name, ps in problems.items() for p in ps}
+  prompt = PromptConfig(**config.prompt.to_dict())
+  prompt_ids = {(name, p.id): search_prompt_ids(tokenizer, prompt, p.problem) for name, ps in problems.items()
+                for p in ps}
   keys = list(prompt_ids)
   common.check_prompt_lengths([len(prompt_ids[k]) for k in keys], config.sampling.max_new_tokens,
                               model_cfg.max_position_embeddings, lambda i: f"benchmark {keys[i][0]}, problem "
                               f"{keys[i][1]!r}")
   out_dir = Path(config.output_dir)
-  record = common.SettingsRecord(out_dir / "run_config.json", common.to_settings(config, _RUN_KEYS, _INPUT_KEYS),
-                                 config.overwrite)
+  record = common.SettingsRecord(out_dir / "run_config.json", settings(config), config.overwrite)
   common.claim_output(config)
   results = [out_dir / f"{name}.jsonl" for name in problems] + [out_dir / "summary.json"]
   record.check(results, "output_dir")

@@ -106,6 +106,8 @@ HELP = {
     "self_eval.max_new_tokens": "token budget of one vote",
     "self_eval.seed": "seed of the votes",
     "render.q_threshold": "positive reflection after an intermediate step with Q >= this",
+    "render.min_visits": "positive reflections only after steps whose Q rests on >= this many samples "
+                         "(0: search.rollouts, the M rollouts of one new child), never on one grafted rollout",
     "render.max_positive_per_segment": "at most this many positive reflections per forward segment",
     "render.positive_final": "positive reflection after the final answer",
     "render.quote_words": "longest quote of the target step in a backtrack sentence (words)",
@@ -141,7 +143,7 @@ def defaults() -> ml_collections.ConfigDict:
                                            "prompt": linearize.SELF_EVAL_PROMPT, "temperature": 0.7,
                                            "max_new_tokens": 256, "seed": 0})
   rc, t = render.RenderConfig(), render.Templates()
-  c.render = ml_collections.ConfigDict({"q_threshold": rc.q_threshold,
+  c.render = ml_collections.ConfigDict({"q_threshold": rc.q_threshold, "min_visits": rc.min_visits,
                                         "max_positive_per_segment": rc.max_positive_per_segment,
                                         "positive_final": rc.positive_final, "quote_words": rc.quote_words,
                                         "seed": rc.seed})
@@ -172,7 +174,8 @@ def linearize_config(c: ml_collections.ConfigDict):
 def render_config(c: ml_collections.ConfigDict):
   from astro_jax.search import render
   r = c.render
-  return render.RenderConfig(q_threshold=r.q_threshold, max_positive_per_segment=r.max_positive_per_segment,
+  return render.RenderConfig(q_threshold=r.q_threshold, min_visits=r.min_visits, rollouts=c.search.rollouts,
+                             max_positive_per_segment=r.max_positive_per_segment,
                              positive_final=r.positive_final, quote_words=r.quote_words, seed=r.seed,
                              templates=render.Templates.from_config(r.templates.to_dict()))
 
@@ -231,6 +234,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   common.require(s.max_new_tokens >= 1, "self_eval.max_new_tokens", s.max_new_tokens, "must be >= 1")
   _check_template("self_eval.prompt", s.prompt, ("problem", "solution"))
   r = config.render
+  common.require(r.min_visits >= 0, "render.min_visits", r.min_visits, "must be >= 0 (0: search.rollouts)")
   common.require(r.max_positive_per_segment >= 0, "render.max_positive_per_segment", r.max_positive_per_segment,
                  "must be >= 0")
   common.require(r.quote_words >= 1, "render.quote_words", r.quote_words, "must be >= 1")

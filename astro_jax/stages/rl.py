@@ -10,9 +10,10 @@ One step (ASTRO §3.2: reward +1 / -1 for a right / wrong final answer, G = 4 re
      rows share its prefill), `sampler.max_batch` rows a program; each chunk's responses are verified in a
      thread on the long-lived VerifierPool while the next chunk decodes;
   3. rewards (`reward.*`: DAPO's overlong penalty, or truncated responses masked out of the loss), group-relative
-     advantages (`loss.scale_std`); with `dynamic_sampling` groups whose rewards are all equal (no signal) are
-     dropped and another round of `batch_prompts` prompts is sampled, up to `max_sampling_rounds`: the batch
-     always has batch_prompts x group_size rows (fixed shapes; rows a short step could not fill weigh 0);
+     advantages (`loss.scale_std`); with `dynamic_sampling` groups whose responses are all right or all wrong
+     (no signal, whatever their overlong penalties: `has_signal`) are dropped and another round of
+     `batch_prompts` prompts is sampled, up to `max_sampling_rounds`: the batch always has batch_prompts x
+     group_size rows (fixed shapes; rows a short step could not fill weigh 0);
   4. `minibatches` optimizer updates on disjoint parts of the batch (each `grad_accum` micro-batches), the clipped
      ratio against the sampler's own log-probs (`loss.*`); with `loss.beta` > 0 a frozen reference (the start
      checkpoint) adds a k3 KL term (beta = 0: no reference is held).
@@ -84,7 +85,8 @@ HELP = {
     "grad_accum": "micro-batches per update",
     "max_prompt_tokens": "longest prompt (tokens); rows are max_prompt_tokens + sampling.max_new_tokens long",
     "loss_chunk": "positions whose logits are computed at once in the loss",
-    "dynamic_sampling": "drop groups whose rewards are all equal and sample more prompts to refill the batch",
+    "dynamic_sampling": "drop groups whose responses are all right or all wrong and sample more prompts to refill "
+                        "the batch",
     "max_sampling_rounds": "most sampling rounds per step with dynamic_sampling (rows left unfilled weigh 0)",
     "max_empty_steps": "stop after this many steps in a row that keep no group (dynamic_sampling: all right or all "
                        "wrong; the model may be broken)",
@@ -269,6 +271,17 @@ class Group:
   rewards: np.ndarray   # [G] float (shaped; shuffled in the control)
 
 
+def has_signal(group: Group, shuffled: bool = False) -> bool:
+  """Whether a group teaches anything (dynamic sampling keeps it; zero_signal_fraction counts the others): some of
+  its responses right and some wrong. Decided on the verdicts, not on the shaped rewards: with reward.overlong =
+  penalty four wrong answers of different lengths get different rewards, and std scaling would turn that length gap
+  into full-size advantages (+-0.87 for two short, two long). In the shuffled-reward control (`shuffled`) the
+  rewards no longer belong to the responses, so there signal is on the permuted rewards (any two differ): the
+  control keeps training, on noise, which is its point."""
+  from astro_jax.train import rollouts
+  return rollouts.has_signal(group.rewards if shuffled else group.correct)
+
+
 class _CompileCounter:
   """XLA programs compiled since the last `take()` (JAX's monitoring events; one listener per process)."""
   _instance: "_CompileCounter | None" = None
@@ -420,7 +433,7 @@ def run(config: ml_collections.ConfigDict) -> None:
         for i, g in enumerate(groups):
           g.rewards = flat[i * config.group_size:(i + 1) * config.group_size]
       sampled += groups
-      kept += [g for g in groups if rollouts.has_signal(g.rewards)] if config.dynamic_sampling else groups
+      kept += [g for g in groups if has_signal(g, config.reward.shuffle)] if config.dynamic_sampling else groups
       if len(kept) >= config.batch_prompts:
         break
     return kept[:config.batch_prompts], sampled, round_ + 1
@@ -487,8 +500,8 @@ def run(config: ml_collections.ConfigDict) -> None:
         else:  # no group had signal in any round: no update (Adam would still move the weights on zero gradients)
           sums = dict.fromkeys(_UPDATE_SUMS + ("gap_first", "tokens_first"), 0.0)
         times["time_training"] = time.perf_counter() - t_train
-        row = {"step": step, **_sample_metrics(sampled, writer), "groups": len(kept), "sampling_rounds": rounds,
-               "finished_row_fraction": 1.0 - decoded[0] / max(decoded[1], 1),
+        row = {"step": step, **_sample_metrics(sampled, writer, config.reward.shuffle), "groups": len(kept),
+               "sampling_rounds": rounds, "finished_row_fraction": 1.0 - decoded[0] / max(decoded[1], 1),
                "entropy": sums["entropy"] / max(sums["tokens"], 1.0), "kl": sums["kl"] / max(sums["tokens"], 1.0),
                "clip_fraction": sums["clipped"] / max(sums["tokens"], 1.0),
                "grad_norm": sums["grad_norm"] / config.minibatches, "loss": sums["loss"] / config.minibatches,
@@ -562,16 +575,16 @@ def batch_rows(groups: list[Group], prompt_ids: dict[str, list[int]], n_rows: in
   return rows
 
 
-def _sample_metrics(groups: list[Group], writer: bool) -> dict:
-  """What the sampled responses of a step say (every group of every round)."""
+def _sample_metrics(groups: list[Group], writer: bool, shuffled: bool = False) -> dict:
+  """What the sampled responses of a step say (every group of every round; `shuffled`: the shuffled-reward
+  control, see `has_signal`)."""
   from astro_jax import prompts
-  from astro_jax.train.rollouts import has_signal
   completions = [c for g in groups for c in g.completions]
   lengths = np.asarray([len(c.token_ids) for c in completions])
   texts = [c.text for c in completions] if writer else []
   return {"reward_mean": float(np.mean(np.concatenate([g.rewards for g in groups]))),
           "accuracy": float(np.mean(np.concatenate([g.correct for g in groups]))),
-          "zero_signal_fraction": float(np.mean([not has_signal(g.rewards) for g in groups])),
+          "zero_signal_fraction": float(np.mean([not has_signal(g, shuffled) for g in groups])),
           "truncation_rate": float(np.mean([c.finish_reason == "length" for c in completions])),
           "response_length_mean": float(lengths.mean()), "response_length_max": int(lengths.max()),
           "backtracks_per_response": float(np.mean([prompts.count_backtracks(t) for t in texts])) if texts else 0.0,

@@ -89,9 +89,11 @@ def rewards(correct: np.ndarray, lengths: np.ndarray, *, max_new_tokens: int, co
   return r
 
 
-def has_signal(rewards_G: np.ndarray) -> bool:
-  """Whether a group's rewards differ (all equal: every advantage is 0, the group teaches nothing)."""
-  return bool(np.ptp(np.asarray(rewards_G)) > 0)
+def has_signal(labels_G: np.ndarray) -> bool:
+  """Whether a group's labels differ: its verdicts (some right, some wrong), not its shaped rewards, which also
+  differ by length under the overlong penalty (see `stages.rl.has_signal`). All equal: the group teaches nothing."""
+  v = np.asarray(labels_G)
+  return bool(v.size and np.any(v != v.flat[0]))
 
 
 class PromptStream:

@@ -1,0 +1,86 @@
+r"""ASTRO at scale, both arms: Llama-3.1-8B-Instruct from HF weights, MATH train problems -> mcts_8b -> sft_8b ->
+difficulty -> rl_8b -> eval on MATH-500, AMC 2023 and AIME 2024 with the paper's protocol.
+
+  python -m astro_jax.main --config=configs/pipeline_8b.py[:TARGET] --config.checkpoint=HF_LLAMA31_8B_INSTRUCT \
+      --config.problems=math_train.jsonl [--config.output_dir=RUN]    # TARGET: tpu_v5p (default) or h100
+  python tools/plan_memory.py --config=configs/pipeline_8b.py[:TARGET]  # plans the sft and rl steps of it
+
+Each stage's sub-config is that stage's 8B config (configs/mcts_8b.py, sft_8b.py:TARGET, rl_8b.py:TARGET: their
+docstrings give the reasoning), less the keys the pipeline sets itself (checkpoints, inputs, output dirs, prompt).
+One mesh serves every stage (the pipeline's `mesh`): rl_8b's, which keeps the sampler's bf16 copy split over tensor;
+sft's batch of 64 rows of 8192 tokens then runs at 2 rows per batch shard per micro-batch (grad_accum 8 on the v5p
+mesh fsdp 4 x tensor 4, 16 on the H100 node's fsdp 2 x tensor 4).
+* problems: MATH train (id, problem, answer), decontaminated against the test sets (the pipeline refuses a test
+  problem whose text is also a train problem's).
+* Eval as the paper reports (§4): 16 samples per problem, T 0.6, top-p 0.95, pass@1 averaged over the 16 and maj@k
+  (the report's table), responses up to rl's budget (16K tokens).
+* difficulty: 8 samples per problem with rl's sampling (our choice: the paper gives no number), keep 0 < rate < 1.
+"""
+import os
+
+from astro_jax import main, stages
+from astro_jax.errors import ConfigError
+from astro_jax.stages import pipeline
+
+PLAN_PRESET = "llama3.1_8b"  # the architecture tools/plan_memory.py plans for (checkpoint is set by the user)
+TARGETS = ("tpu_v5p", "h100")
+SFT_GRAD_ACCUM = {"tpu_v5p": 8, "h100": 16}  # 64 rows / grad_accum / (data x fsdp) = 2 rows per batch shard
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _leaves(node, prefix=""):
+  for key, value in node.items():
+    if hasattr(value, "items"):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def _take(sub, source, stage: str) -> None:
+  """`source`'s values into the pipeline's sub-config `sub`, but for the keys the pipeline sets itself."""
+  own = set(pipeline.SET_HERE[stage]) | set(pipeline.ALWAYS_SET)
+  for key, value in _leaves(source):
+    if key.split(".")[0] in own or key in own:
+      continue
+    node = sub
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+
+
+def get_config(target: str = "tpu_v5p"):
+  if target not in TARGETS:
+    raise ConfigError(f"configs/pipeline_8b.py:{target}: unknown target; known: {', '.join(TARGETS)}")
+  load = lambda name: main.load_config_file(os.path.join(_HERE, name))
+  rl = load(f"rl_8b.py:{target}")
+  c = stages.defaults("pipeline")
+  c.checkpoint = ""                     # required: the HF (or Orbax) Llama-3.1-8B-Instruct
+  c.problems = ""                       # required: MATH train problems (JSONL)
+  c.test = "math500,amc23,aime24"
+  c.arms = "astro,direct"
+  c.output_dir = f"outputs/pipeline_8b_{target}"
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = rl.mesh.data, rl.mesh.fsdp, rl.mesh.tensor
+  c.distributed.enabled = rl.distributed.enabled
+  _take(c.mcts, load("mcts_8b.py"), "mcts")
+  _take(c.sft, load(f"sft_8b.py:{target}"), "sft")
+  c.sft.grad_accum = SFT_GRAD_ACCUM[target]
+  _take(c.rl, rl, "rl")
+
+  d = c.difficulty
+  d.samples = 8
+  d.model.dtype = "bfloat16"
+  d.batch_size = rl.sampler.max_batch
+  d.sampling.temperature = rl.sampling.temperature
+  d.sampling.max_new_tokens = rl.sampling.max_new_tokens
+  d.verifier.workers = 8
+
+  e = c.eval
+  e.samples = 16                        # pass@1 averaged over 16 samples, maj@k
+  e.model.dtype = "bfloat16"
+  e.batch_size = rl.sampler.max_batch
+  e.sampling.temperature = 0.6
+  e.sampling.top_p = 0.95
+  e.sampling.max_new_tokens = rl.sampling.max_new_tokens
+  e.verifier.workers = 8
+  return c
