@@ -27,6 +27,8 @@ RUNS = {
     "rl": ("--config=configs/rl_tiny.py", "--config.sampler.dtype=bfloat16", "--config.sampling.max_new_tokens=20",
            "--config.eval.every=5", "--config.eval.benchmarks=math500", "--config.eval.max_new_tokens=40",
            "--config.loss.beta=0.1", "--config.model.dtype=bfloat16"),
+    # a pipeline: its sft and rl steps, composed as the pipeline runs them
+    "pipeline": ("--config=configs/pipeline_tiny.py", "--config.sft.batch_size=8", "--config.sft.seq_len=128"),
 }
 
 
@@ -89,6 +91,16 @@ def test_json_fields_and_state_bytes_match_a_hand_computation(runs):
   assert b["total"] == b["params"] + b["optimizer"] + b["temporaries"] + b["batch"] + b["other"]
   assert b["temporaries"] > 0 and 0 <= b["other"] < 4096
   assert r["compile_s"] > 0 and r["batch"]["rows_per_device_per_micro_batch"] == 2
+
+
+def test_a_pipeline_config_plans_its_sft_and_rl_steps(runs):
+  r = _plan(runs, "pipeline")
+  assert r["stage"] == "pipeline" and [p["stage"] for p in r["plans"]] == ["sft", "rl"]
+  sft, rl = r["plans"]
+  base = _plan(runs, "base")  # sft_tiny with the same rows, length, preset and mesh: the same step
+  assert sft["bytes_per_device"]["params"] == base["bytes_per_device"]["params"] == _tiny_param_bytes(4, 2)
+  assert sft["batch"] == base["batch"]
+  assert rl["batch"]["seq_len"] == 8 + 1 and "sampler" in rl  # pipeline_tiny's rl: 8 prompt + 1 new token
 
 
 def test_more_rows_need_more_temporaries_and_remat_needs_fewer(runs):

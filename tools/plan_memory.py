@@ -2,7 +2,8 @@
 r"""AOT memory plan of a training config: the per-device bytes of its train step, without any accelerator.
 
   python tools/plan_memory.py --config=configs/sft_8b.py[:TARGET] [--devices=N] [--preset=NAME] [--json] \
-      [--config.KEY=VALUE ...]            # also configs/rl_8b.py, rl_70b.py (stage rl: the sampler too)
+      [--config.KEY=VALUE ...]            # also configs/rl_8b.py, rl_70b.py (stage rl: the sampler too), and
+                                          # configs/pipeline_8b.py: its sft and rl steps, one table each
 
 The config is read as `python -m astro_jax.main` reads it (the same flag, `path.py:arg` targets, overrides and
 checks; checkpoint, data, prompts and output_dir may stay empty). The train step the stage would run
@@ -512,12 +513,28 @@ def main(argv: list[str]) -> None:
     if len(rest) > 1:
       raise ConfigError(f"unexpected arguments: {' '.join(rest[1:])}")
     config = astro_main.validate(flags.FLAGS.config)
-    result = plan(config, astro_main.config_spec(args), _DEVICES.value, _PRESET.value)
+    spec = astro_main.config_spec(args)
+    results = [plan(c, spec, _DEVICES.value, _PRESET.value) for c in train_configs(config)]
   except UserError as e:
     astro_main.fail(e)
-  for note in result["notes"]:
+  for note in (n for r in results for n in r["notes"]):
     print(f"warning: {note}", file=sys.stderr)
-  print(json.dumps(result) if _JSON.value else table(result))
+  if _JSON.value:
+    print(json.dumps(results[0] if len(results) == 1 else {"config": spec, "stage": "pipeline", "plans": results}))
+  else:
+    print("\n\n".join(table(r) for r in results))
+
+
+def train_configs(config) -> list:
+  """The configs whose train steps to plan: the config itself, or a pipeline's sft and rl steps (composed as the
+  pipeline runs them; the sampling-only stages' weights and KV cache are bounded by rl's sampler plan when they
+  share its budgets)."""
+  if config.stage != "pipeline":
+    return [config]
+  from astro_jax.stages import pipeline
+  arm = pipeline.arms(config)[0]
+  return [pipeline.compose(config, "sft", f"{arm}/sft", checkpoint="", data=""),
+          pipeline.compose(config, "rl", f"{arm}/rl", checkpoint="", prompts="")]
 
 
 if __name__ == "__main__":
