@@ -28,27 +28,6 @@ TARGETS = {"tpu_v5p": "tpu_v5p", "h100": "h100"}  # target -> sft_8b's target on
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _leaves(node, prefix=""):
-  for key, value in node.items():
-    if hasattr(value, "items"):
-      yield from _leaves(value, f"{prefix}{key}.")
-    else:
-      yield f"{prefix}{key}", value
-
-
-def _take(sub, source, stage: str) -> None:
-  """`source`'s values into the pipeline's sub-config `sub`, but for the keys the pipeline sets itself."""
-  own = set(pipeline.SET_HERE[stage]) | set(pipeline.ALWAYS_SET)
-  for key, value in _leaves(source):
-    if key.split(".")[0] in own or key in own:
-      continue
-    node = sub
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-
-
 def _batch_shards(config) -> int:
   return config.mesh.data * config.mesh.fsdp
 
@@ -68,11 +47,11 @@ def build(size: str, target: str, targets: dict[str, str]):
   c.output_dir = f"outputs/pipeline_{size}_{target}"
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = rl.mesh.data, rl.mesh.fsdp, rl.mesh.tensor
   c.distributed.enabled = rl.distributed.enabled
-  _take(c.mcts, load("mcts_8b.py"), "mcts")
-  _take(c.sft, sft, "sft")
+  pipeline.take(c.mcts, load("mcts_8b.py"), "mcts")
+  pipeline.take(c.sft, sft, "sft")
   rows_per_shard = sft.batch_size // (sft.grad_accum * _batch_shards(sft))
   c.sft.grad_accum = sft.batch_size // (rows_per_shard * _batch_shards(c))
-  _take(c.rl, rl, "rl")
+  pipeline.take(c.rl, rl, "rl")
 
   d = c.difficulty
   d.samples = 8

@@ -160,6 +160,20 @@ def compose(config: ml_collections.ConfigDict, stage: str, name: str, **values) 
   return c
 
 
+def take(sub: ml_collections.ConfigDict, source: ml_collections.ConfigDict, stage: str) -> None:
+  """A stage config's values (e.g. configs/sft_8b.py's) into the pipeline's sub-config `sub` of that stage, but for
+  the keys the pipeline sets itself."""
+  own = set(SET_HERE[stage]) | set(ALWAYS_SET)
+  for key, value in _flat(source.to_dict()).items():
+    if key.split(".")[0] in own:
+      continue
+    *parents, leaf = key.split(".")
+    node = sub
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+
+
 def plan(config: ml_collections.ConfigDict) -> list[Step]:
   """Every step of the run, in order; each step's inputs are its predecessors' outputs."""
   run = Path(config.output_dir)
