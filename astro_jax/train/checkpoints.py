@@ -30,6 +30,7 @@ class Checkpoints:
     self._ocp = ocp
     self.directory = Path(directory).absolute()
     self._on_first_save = on_first_save  # runs once the first save of this run is complete
+    self._pending: int | None = None  # the step of the last save started
     from astro_jax.checkpoint import drop_closed_loop_reports
     drop_closed_loop_reports()  # a failed write's late tensorstore callbacks: not one traceback each
     _quiet_orbax_errors()
@@ -57,8 +58,6 @@ class Checkpoints:
       self.wait()
       callback, self._on_first_save = self._on_first_save, None
       callback()
-
-  _pending: int | None = None  # the step of the last save started
 
   def check(self) -> None:
     """Raise CheckpointSaveError if a background save failed (cheap: call every step)."""
