@@ -22,17 +22,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
+import jax
+
 from astro_jax import assets, verifier
 from astro_jax.checkpoint import load_hf_model
-from astro_jax.files import write_text_atomic
 from astro_jax.sampler import Sampler
 from astro_jax.search import mcts
 from astro_jax.search.policy import LMPolicy
 from astro_jax.tokenizer import Tokenizer
-from sampler import code_version, device_name  # benchmarks/sampler.py (this script's directory)
+from sampler import code_version, device_name, random_checkpoint, write_rows  # benchmarks/sampler.py (this script's directory)
 
 RESULTS = Path(__file__).parent / "results" / "mcts.json"
 NAMES = ("Sam", "Mia", "Ali", "Zoe", "Ben", "Ivy", "Tom", "Ana")
@@ -92,11 +94,23 @@ def main() -> None:
   parser.add_argument("--max-batch", type=int, default=64)
   parser.add_argument("--step-tokens", type=int, default=48)
   parser.add_argument("--rollout-tokens", type=int, default=128)
+  parser.add_argument("--hf-dir", default=None, help="HF checkpoint (default: the cached SmolLM2-135M-Instruct)")
+  parser.add_argument("--random-weights", action="store_true",
+                      help="--hf-dir's config and tokenizer with random weights (e.g. on a remote GPU; nothing is "
+                      "solved and every step runs to --step-tokens, so this times the search's machinery only)")
+  parser.add_argument("--dtype", default="", help="sampler dtype (default: float32 on a CPU, bfloat16 on a GPU)")
+  parser.add_argument("--out", default=str(RESULTS))
   args = parser.parse_args()
 
-  hf_dir = assets.smollm2_hf_dir()
-  model = load_hf_model(hf_dir)
-  sampler = Sampler(model, Tokenizer.load(hf_dir, extra_eos_ids=model.cfg.eos_token_ids), max_batch=args.max_batch)
+  hf_dir = Path(args.hf_dir) if args.hf_dir else assets.smollm2_hf_dir()
+  model_name = "SmolLM2-135M-Instruct"
+  if args.random_weights:
+    hf_dir = random_checkpoint(hf_dir, Path(tempfile.gettempdir()) / "astro_jax_random_smollm2")
+    model_name += " (random weights)"
+  dtype = args.dtype or ("bfloat16" if jax.devices()[0].platform == "gpu" else "float32")
+  model = load_hf_model(hf_dir, param_dtype=dtype)
+  sampler = Sampler(model, Tokenizer.load(hf_dir, extra_eos_ids=model.cfg.eos_token_ids), max_batch=args.max_batch,
+                    dtype=dtype)
   policy = LMPolicy(sampler)
   cfg = mcts.SearchConfig(k=args.k, rollouts=args.rollouts, iterations=args.iterations, max_depth=8,
                           temperature=0.7, step_max_tokens=args.step_tokens, rollout_max_tokens=args.rollout_tokens)
@@ -107,7 +121,7 @@ def main() -> None:
     for n in args.problems:
       problems = make_problems(n)
       run_search(policy, judge, problems, cfg)  # warm-up: compiles this shape's programs
-      row = {"device": device, "commit": commit, "dtype": "float32", "k": cfg.k, "M": cfg.rollouts,
+      row = {"device": device, "commit": commit, "model": model_name, "dtype": dtype, "k": cfg.k, "M": cfg.rollouts,
              "iterations": cfg.iterations, "max_batch": args.max_batch,
              **run_search(policy, mcts.MemoJudge(mcts.pool_judge(pool)), problems, cfg)}
       rows.append(row)
@@ -115,15 +129,11 @@ def main() -> None:
 
   columns = ("problems", "calls_per_round", "expansions_per_s", "rollouts_per_s", "tokens_per_s",
              "sampler_fraction", "live_row_fraction", "wall_s")
-  print(f"\n{device} ({commit}); k={cfg.k}, M={cfg.rollouts}, {cfg.iterations} iterations, fp32 SmolLM2-135M")
+  print(f"\n{device} ({commit}); k={cfg.k}, M={cfg.rollouts}, {cfg.iterations} iterations, {dtype} {model_name}")
   print("| " + " | ".join(columns) + " |\n|" + "---:|" * len(columns))
   for row in rows:
     print("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |")
-  kept = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-  kept = [r for r in kept if r.get("device") != device]
-  RESULTS.parent.mkdir(parents=True, exist_ok=True)
-  write_text_atomic(RESULTS, json.dumps(kept + rows, indent=1) + "\n")
-  print(f"wrote {RESULTS}")
+  write_rows(Path(args.out), rows, device)
 
 
 if __name__ == "__main__":

@@ -169,6 +169,8 @@ def make_config(args: argparse.Namespace) -> tuple[ml_collections.ConfigDict, st
     src = common.resolve_path(config.checkpoint)  # an HF directory (config and tokenizer files are kept)
     config.checkpoint = str(random_checkpoint(src, Path(tempfile.gettempdir()) / "astro_jax_random_smollm2"))
     model += " (random weights: rewards are all wrong, dynamic sampling runs every round)"
+    # every reward is wrong, so dynamic sampling would keep no group and nothing would be trained: train them all
+    config.dynamic_sampling = False
   config.steps = args.steps
   config.save_every = args.steps
   config.export_hf = False
@@ -215,7 +217,7 @@ def summary_row(rows: list[dict]) -> dict:
       tokens_per_s=round(t["sampled_tokens"] / t["time_s"], 2),
       sampling_tokens_per_s=round(t["sampled_tokens"] / t["time_sampling"], 2),
       decode_row_steps_per_s=round(t["decode_row_steps"] / max(t["time_decode"], 1e-9), 2),
-      trained_positions_per_s=round(t["trained_positions"] / t["time_training"], 2), trained_tokens=trained,
+      trained_positions_per_s=round(t["trained_positions"] / max(t["time_training"], 1e-9), 2), trained_tokens=trained,
       trained_tokens_per_s=None if trained is None else round(trained / t["time_training"], 2),
       finished_row_fraction=round(finished, 4),
       response_length_mean=round(sum(r["response_length_mean"] for r in rows) / len(rows), 1),
