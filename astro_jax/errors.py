@@ -2,6 +2,8 @@
 with status 2; anything else is an internal error and keeps its traceback."""
 from __future__ import annotations
 
+from typing import Any
+
 
 class UserError(ValueError):
   """Something the user gave is wrong; the message names what and where (file, line, key, tensor)."""
@@ -12,3 +14,9 @@ class ConfigError(UserError):
 
 
 EXIT_USER_ERROR = 2
+
+
+def require(ok: bool, key: str, value: Any, why: str) -> None:
+  """A ConfigError naming the key, its value and what it must be, unless `ok`."""
+  if not ok:
+    raise ConfigError(f"config key {key!r} = {value!r}: {why}")

@@ -114,6 +114,16 @@ def summarize(per_problem: Sequence[Sequence[Sample]], *, pass_ks: Sequence[int]
   }
 
 
+def summarize_records(records: Sequence[Sequence[dict]]) -> dict:
+  """`summarize` of each problem's sample records (as `generation.Verified.records` gives them), with the count of
+  verifier timeouts."""
+  per_problem = [[Sample(s["correct"], s["answer"], s["n_tokens"], s["reflections"], s.get("backtracks", 0))
+                  for s in samples] for samples in records]
+  out = summarize(per_problem)
+  out["verifier_timeouts"] = sum(s["timed_out"] for samples in records for s in samples)
+  return out
+
+
 def _is_rate(name: str) -> bool:
   return name.startswith(("pass@", "maj@")) or name.endswith("_rate")
 

@@ -19,7 +19,7 @@ from ml_collections import config_flags
 from astro_jax.errors import EXIT_USER_ERROR, ConfigError, UserError
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO / "configs" / "default.py"
+DEFAULT_CONFIG = REPO / "configs" / "demo.py"  # the README's main command: the ASTRO pipeline on CPU
 
 _CONFIG = config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Config file (a stage's settings).",
                                           lock_config=True)

@@ -1,10 +1,12 @@
-r"""Prompts: the ASTRO instruction, chat formatting (Llama 3 or a tokenizer's own template) and reflection markers.
+r"""Prompts: the ASTRO instruction, chat formatting (Llama 3 or a tokenizer's own template), the math prompt every
+sampling stage renders (`PromptConfig`: search, rl, difficulty, eval) and reflection markers.
 
 Chat strings are complete prompts: they already contain BOS/special tokens as text, so encode them WITHOUT adding
 special tokens (e.g. `Tokenizer.encode`, not `encode_prompt`).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from datetime import datetime
@@ -71,6 +73,41 @@ def render_chat(messages: Sequence[Mapping[str, Any]], chat_template: str | None
   variables = {**(special or {}), **special_tokens}
   return _compile(chat_template).render(messages=[dict(m) for m in messages],
                                         add_generation_prompt=add_generation_prompt, **variables)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The math prompt
+# ----------------------------------------------------------------------------------------------------------------
+
+EXAMPLE_PROBLEM = ("Tom has 3 boxes with 4 apples in each box. He eats 3 of the apples. How many apples does Tom "
+                   "have left?")
+EXAMPLE_SOLUTION = ("Tom has 3 boxes with 4 apples in each, so he has 3 * 4 = 12 apples.\n\n"
+                    "He eats 3 of them, so he has 12 - 3 = 9 apples left.\n\n"
+                    "The final answer is \\boxed{9}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+  """The math prompt: [system], [example problem + instruction -> example solution], problem + instruction (the
+  search's few-shot default; see `search.policy`)."""
+  instruction: str = ASTRO_INSTRUCTION
+  example_problem: str = EXAMPLE_PROBLEM   # "" = zero-shot
+  example_solution: str = EXAMPLE_SOLUTION
+  system: str = ""                         # "" = none (the chat template may add its default)
+
+  def messages(self, problem: str) -> list[dict[str, str]]:
+    def ask(p: str) -> str:
+      return f"{p.strip()}\n\n{self.instruction.strip()}" if self.instruction.strip() else p.strip()
+    out = [{"role": "system", "content": self.system}] if self.system else []
+    if self.example_problem:
+      out += [{"role": "user", "content": ask(self.example_problem)},
+              {"role": "assistant", "content": self.example_solution.strip()}]
+    return out + [{"role": "user", "content": ask(problem)}]
+
+
+def search_prompt_ids(tokenizer, prompt: PromptConfig, problem: str) -> list[int]:
+  """Token ids of the prompt for `problem` (the search's root state); what the stages check against the context."""
+  return tokenizer.encode_prompt(tokenizer.chat(prompt.messages(problem)))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -273,9 +273,17 @@ def _missing(run_dir: Path, rel: str, stages: dict[str, dict]) -> str:
   return status if status in ("running", "skipped") else NOT_RUN
 
 
-def difficulty_section(run_dir: Path, stages: dict[str, dict]) -> dict:
+def run_arms(run_dir: Path, pipeline: dict | None) -> tuple[str, ...]:
+  """The arms this run has: its config's `arms`, else those with a directory (a run the pipeline did not write)."""
+  configured = ((pipeline or {}).get("config") or {}).get("arms") or ""
+  words = configured.split(",") if isinstance(configured, str) else configured
+  named = tuple(a for a in ARMS if a in {str(x).strip() for x in words})
+  return named or tuple(a for a in ARMS if (run_dir / a).is_dir()) or ARMS
+
+
+def difficulty_section(run_dir: Path, stages: dict[str, dict], arms: Sequence[str] = ARMS) -> dict:
   out = {}
-  for arm in ARMS:
+  for arm in arms:
     rel = f"{arm}/difficulty"
     s = read_json(run_dir / rel / "summary.json")
     keys = ("problems", "samples_per_problem", "kept", "too_hard", "too_easy", "kept_fraction", "mean_pass_rate")
@@ -284,11 +292,11 @@ def difficulty_section(run_dir: Path, stages: dict[str, dict]) -> dict:
   return out
 
 
-def training_section(run_dir: Path, stages: dict[str, dict], kind: str) -> dict:
+def training_section(run_dir: Path, stages: dict[str, dict], kind: str, arms: Sequence[str] = ARMS) -> dict:
   """Per arm: the status and metrics.jsonl's first and last values (kind: sft or rl)."""
   keys = ("loss", "eval_loss", "lr") if kind == "sft" else tuple(k for k, *_ in RL_PANELS)
   out = {}
-  for arm in ARMS:
+  for arm in arms:
     rel = f"{arm}/{kind}"
     rows = [r for r in iter_jsonl(run_dir / rel / "metrics.jsonl") if isinstance(r.get("step"), (int, float))]
     if not rows:
@@ -325,10 +333,11 @@ def collect(run_dir: str | os.PathLike) -> dict:
   run_dir = Path(run_dir)
   pipeline = read_json(run_dir / "pipeline.json")
   stages = stage_states(pipeline)
+  arms = run_arms(run_dir, pipeline)
   return _json_safe({
       "run_dir": str(run_dir), "config": (pipeline or {}).get("config"), "stages": stages_section(pipeline),
-      "mcts": mcts_section(run_dir, stages), "difficulty": difficulty_section(run_dir, stages),
-      "sft": training_section(run_dir, stages, "sft"), "rl": training_section(run_dir, stages, "rl"),
+      "mcts": mcts_section(run_dir, stages), "difficulty": difficulty_section(run_dir, stages, arms),
+      "sft": training_section(run_dir, stages, "sft", arms), "rl": training_section(run_dir, stages, "rl", arms),
       "table": collect_table(run_dir, stages)})
 
 
@@ -753,9 +762,24 @@ def render_markdown(report: dict, images: dict[str, str], example: dict | None, 
     out.append("\nAcross RL steps, r(backtracks per response, accuracy) [95% CI, Fisher z; steps are not "
                "independent]: " + "; ".join(f"{arm}: {fmt_r(c)} (n = {c['n']})" for arm, c in corr) + ".\n")
   out.append("## Settings\n")
-  out.append(md_table(["key", "value"], [[k, compact(v)] for k, v in flatten(report["config"])])
+  out.append(SETTINGS_NOTE + "\n\n" + md_table(["key", "value"], settings_rows(report["config"]))
              if report["config"] else "No pipeline.json config.\n")
   return "\n".join(x for x in out if x)
+
+
+SETTINGS_NOTE = ("The pipeline's config. Keys it sets in every stage's sub-config (checkpoint, inputs, prompt, "
+                 "output_dir, overwrite/resume, mesh, ...) are left out: their values are the pipeline's; each stage's "
+                 "composed settings are in its run_config.json / summary.json.")
+
+
+def settings_rows(config: dict) -> list[list[str]]:
+  """pipeline.json's config as (key, value) rows, without the sub-config keys the pipeline sets (their stored
+  values are the stage defaults it overrides, which would mislead)."""
+  from astro_jax.stages import pipeline as pipeline_stage
+  set_by_pipeline = {f"{sub}.{key}" for sub in pipeline_stage.SUBCONFIGS
+                     for key in pipeline_stage.SET_HERE.get(sub, ()) + pipeline_stage.ALWAYS_SET}
+  return [[k, compact(v)] for k, v in flatten(config)
+          if not any(k == d or k.startswith(d + ".") for d in set_by_pipeline)]
 
 
 def training_markdown(section: dict, keys: Sequence[tuple[str, ...]], image: str | None, alt: str) -> str:
@@ -978,9 +1002,9 @@ def render_html(report: dict, images: dict[str, bytes], example: dict | None) ->
                  + ".</p>")
   parts.append(h2("Settings"))
   if report["config"]:
-    parts.append("<details open><summary>pipeline.json config</summary>"
-                 + html_table(["key", "value"], [[k, compact(v)] for k, v in flatten(report["config"])],
-                              [False, False], "settings") + "</details>")
+    parts.append(f'<p class="note">{esc(SETTINGS_NOTE)}</p><details open><summary>pipeline.json config</summary>'
+                 + html_table(["key", "value"], settings_rows(report["config"]), [False, False], "settings")
+                 + "</details>")
   else:
     parts.append('<p class="status">No pipeline.json config.</p>')
   return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -12,11 +12,13 @@ the steady state (their sum is the `2-N` row). Per step, from the stage's metric
   wall          time_s: the step, from the weight sync to the metrics row
   sync          time_weight_sync: the trainer's params -> the sampler's copy
   sampling      time_sampling (and its fraction of the step; verl / OpenRLHF report 70-90% on GPUs), split here
-                (an instrumented Sampler: each program's outputs are waited for) into prefill, decode, and host
-                (batching, detokenization, stop strings: the rest of `Sampler.sample`)
+                (an instrumented Sampler handed to the stage, `rl.run(config, make_sampler=TimedSampler)`: each
+                program's outputs are waited for) into prefill, decode, and host (batching, detokenization, stop
+                strings: the rest of `Sampler.sample`)
   scoring       time_scoring: the verifier's busy time, overlapped with the next chunk's decode (not in the sum)
-  training      time_training: building the rows, the update(s) and fetching the metrics
-  other         wall - sync - sampling - training (waiting for the last verdicts, rewards, bookkeeping)
+  training      time_training: the update(s) and fetching the metrics
+  other         wall - sync - sampling - training (waiting for the last verdicts, rewards, building the rows,
+                bookkeeping)
   tok/s         sampled tokens per second of the step, and per second of sampling
   train tok/s   positions trained per second of training (rows x seq_len: the update computes every position,
                 padding included) and response tokens in the loss per second
@@ -104,9 +106,9 @@ class OthersProbe:
 
 
 class TimedSampler(sampler_lib.Sampler):
-  """The stage's Sampler, with its prefill and decode programs timed (each waited for; they run back to back
-  anyway: the decode needs the prefill's cache, and its tokens are fetched right after). `update_weights`, called
-  at the start of every RL step, closes one step's record and opens the next."""
+  """The stage's Sampler (handed to `rl.run` as `make_sampler`), with its prefill and decode programs timed (each
+  waited for; they run back to back anyway: the decode needs the prefill's cache, and its tokens are fetched right
+  after). `update_weights`, called at the start of every RL step, closes one step's record and opens the next."""
   steps: list[dict] = []
   current: "TimedSampler | None" = None
   probe: OthersProbe | None = None
@@ -276,19 +278,14 @@ def main():
   if args.wait_idle > 0:
     print(f"waited {wait_idle(args.wait_idle):.0f}s for the machine to go quiet", flush=True)
 
-  original = sampler_lib.Sampler
   TimedSampler.steps, TimedSampler.probe = [], None
   with tempfile.TemporaryDirectory(prefix="rl_step_") as tmp:
     config.output_dir = str(Path(tmp) / "run")
-    sampler_lib.Sampler = TimedSampler  # rl.run imports it at call time
-    try:
-      TimedSampler.probe = OthersProbe()
-      began = time.perf_counter()
-      rl.run(config)
-      TimedSampler.close_step()
-      total = time.perf_counter() - began
-    finally:
-      sampler_lib.Sampler = original
+    TimedSampler.probe = OthersProbe()
+    began = time.perf_counter()
+    rl.run(config, make_sampler=TimedSampler)
+    TimedSampler.close_step()
+    total = time.perf_counter() - began
     metrics = [json.loads(l) for l in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines() if l]
   if len(metrics) != len(TimedSampler.steps):
     raise RuntimeError(f"{len(metrics)} metrics rows but {len(TimedSampler.steps)} sampler step records")

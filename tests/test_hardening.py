@@ -186,8 +186,10 @@ def test_bad_inputs_are_named_before_the_model_loads(tmp_path, tiny_checkpoint, 
 
 
 def test_cli_user_errors_are_one_line_with_status_2():
-  for args, named in [(("--config.batch_size=0",), "'batch_size'"), (("--config.sampling.n=three",), "'sampling.n'"),
-                      (("--config.overwrite=maybe",), "'overwrite'"), (("--config=configs/nope.py",), "nope.py")]:
+  generate = "--config=configs/generate.py"
+  for args, named in [((generate, "--config.batch_size=0"), "'batch_size'"),
+                      ((generate, "--config.sampling.n=three"), "'sampling.n'"),
+                      ((generate, "--config.overwrite=maybe"), "'overwrite'"), (("--config=configs/nope.py",), "nope.py")]:
     proc = run_main(*args, "--config.output=/tmp/astro_jax_never_written.jsonl")
     assert proc.returncode == 2, (args, proc.stderr)
     lines = proc.stderr.strip().splitlines()
@@ -216,8 +218,8 @@ def test_a_response_cut_off_at_its_box_has_no_answer(text):
 
 def test_runs_are_quiet_write_umask_modes_and_end_with_a_summary(tmp_path, tiny_checkpoint):
   out = tmp_path / "nested" / "demo.jsonl"
-  proc = run_main(f"--config.checkpoint={tiny_checkpoint}", f"--config.output={out}", "--config.num_prompts=2",
-                  "--config.sampling.max_new_tokens=4", umask=0o022)
+  proc = run_main("--config=configs/generate.py", f"--config.checkpoint={tiny_checkpoint}", f"--config.output={out}",
+                  "--config.num_prompts=2", "--config.sampling.max_new_tokens=4", umask=0o022)
   assert proc.returncode == 0, proc.stderr
   noise = [line for line in proc.stderr.splitlines() if "generate:" not in line and line.strip()]
   assert noise == [], noise  # only the progress bar: no config dump, no backend INFO lines
@@ -225,8 +227,9 @@ def test_runs_are_quiet_write_umask_modes_and_end_with_a_summary(tmp_path, tiny_
   for path in (out, Path(f"{out}.settings.json")):
     assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
   assert stat.S_IMODE(out.parent.stat().st_mode) == 0o755
-  verbose = run_main(f"--config.checkpoint={tiny_checkpoint}", f"--config.output={out}", "--config.num_prompts=2",
-                     "--config.sampling.max_new_tokens=4", "--verbose")
+  verbose = run_main("--config=configs/generate.py", f"--config.checkpoint={tiny_checkpoint}",
+                     f"--config.output={out}", "--config.num_prompts=2", "--config.sampling.max_new_tokens=4",
+                     "--verbose")
   assert verbose.returncode == 0 and "sampling:" in verbose.stderr  # the config dump, on request
 
 

@@ -25,7 +25,7 @@ def test_every_stage_has_locked_defaults_that_validate(name):
     config.not_a_key = 1
 
 
-@pytest.mark.parametrize("path", ["configs/default.py", "configs/generate.py", "configs/convert.py",
+@pytest.mark.parametrize("path", ["configs/demo.py", "configs/generate.py", "configs/convert.py",
                                   "configs/eval.py", "configs/mcts.py", "configs/mcts_smollm2.py",
                                   "configs/mcts_8b.py", "configs/sft_tiny.py", "configs/sft_smollm2.py",
                                   "configs/sft_8b.py", "configs/sft_70b.py", "configs/sft_8b.py:h100",

@@ -104,7 +104,9 @@ def build_run(root: Path, *, seed: int = 0, direct: bool = True) -> Path:
       stages.append({"name": f"{arm}/{name}", "dir": f"{arm}/{name}", "status": "done", "wall_s": 1800.0,
                      "compile_s": 60.0, "started": None, "ended": None})
   config = {"model": "asset:smollm2", "benchmarks": "math500,amc23,aime24", "samples": SAMPLES,
-            "mcts": {"search": {"k": 4, "rollouts": 2, "iterations": 5}, "prompt": {"instruction": "x " * 200}},
+            "prompt": {"instruction": "x " * 200},
+            "mcts": {"search": {"k": 4, "rollouts": 2, "iterations": 5}, "checkpoint": "",
+                     "prompt": {"instruction": "stage default"}},
             "sft": {"steps": 200, "optimizer": {"lr": 1e-5}}, "rl": {"steps": 80, "group_size": 4},
             "arms": ["astro", "direct"] if direct else ["astro"]}
   (root / "pipeline.json").write_text(json.dumps({"config": config, "stages": stages}))
@@ -286,6 +288,8 @@ def test_other_sections(full_run: Path) -> None:
   assert (full_run / "report_files" / "tree.html").is_file()
   assert row["messages"][1]["content"] in md
   assert "mcts.search.k" in md and "(400 chars)" in md  # settings flattened, long strings cut
+  # sub-config keys the pipeline sets show the stage defaults it overrode: left out
+  assert "mcts.checkpoint" not in md and "stage default" not in md
   assert not [p for p in full_run.rglob(".*tmp*")]  # atomic writes leave nothing behind
 
 
@@ -356,7 +360,9 @@ def test_partial_runs_say_not_run_yet(tmp_path: Path) -> None:
   assert rows["base"]["status"] == "running" and rows["base"]["benchmarks"]
   assert rows["ASTRO-SFT"]["status"] == rows["ASTRO-RL"]["status"] == report.NOT_RUN
   assert data["sft"]["astro"]["status"] == "skipped" and data["rl"]["astro"]["status"] == report.NOT_RUN
+  assert "direct" not in data["sft"] and "direct" not in data["rl"] and "direct" not in data["difficulty"]
   md = (run / "report.md").read_text()
+  assert "direct: not run yet" not in md  # an astro-only run has no direct arm to wait for
   assert "| base (running) |" in md and "| ASTRO-SFT | not run yet |" in md
   assert "astro: skipped" in md and "astro: not run yet" in md
   assert not (run / "report_files" / "sft_loss.png").exists()

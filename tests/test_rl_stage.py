@@ -233,7 +233,7 @@ def test_rewards_with_the_overlong_penalty():
 
 
 def test_batch_rows_advantages_mask_and_padding():
-  from astro_jax.stages.rl import Group, batch_rows
+  from astro_jax.rl.learner import Group, batch_rows
   g1 = Group(Problem("a", "", ""), 0, [Completion([5, 6], [-0.1, -0.2], "eos", ""),
                                        Completion([7, 8, 9], [-1.0, -2.0, -3.0], "length", "")],
              np.array([True, False]), np.array([1.0, -1.0], np.float32))
@@ -257,7 +257,8 @@ def test_no_signal_is_decided_on_correctness_not_on_the_overlong_penalty():
   """Four wrong answers whose lengths differ inside the overlong buffer get different rewards (std scaling would
   turn the gap into +-0.87 advantages): no signal all the same, so dynamic sampling drops the group and
   zero_signal_fraction counts it. In the shuffled-reward control, signal is on the permuted rewards."""
-  from astro_jax.stages.rl import Group, _sample_metrics, has_signal
+  from astro_jax.rl.learner import Group, has_signal
+  from astro_jax.rl.learner import sample_metrics as _sample_metrics
   from astro_jax.train.rollouts import rewards
   lengths = np.array([91, 93, 95, 97])
   comps = [Completion([1] * n, [-0.1] * n, "eos", "") for n in lengths]

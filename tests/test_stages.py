@@ -123,12 +123,25 @@ def test_convert_stage_round_trip(tmp_path):
   assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_readme_main_job_runs(tmp_path):
-  """The README's first command after set-up: the embedded default config (shortened here)."""
-  out = tmp_path / "demo.jsonl"
-  proc = subprocess.run([sys.executable, "-m", "astro_jax.main", "--config.num_prompts=2",
-                         "--config.sampling.max_new_tokens=8", f"--config.output={out}"],
-                        cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  rows = data.read_jsonl_rows(out)
-  assert len(rows) == 2 and rows[0]["id"] == data.load_benchmark("math500")[0].id
+def test_readme_main_job_is_the_demo_pipeline(tmp_path, smollm2_dir):
+  """The README's first command after set-up, `python -m astro_jax.main`, runs configs/demo.py: the pipeline on the
+  real SmolLM2 whose every pre-flight check (sub-configs, files, leak, context) passes. Run end to end it takes
+  ~15 min (README); tests/test_pipeline.py runs the same pipeline on a tiny model."""
+  from astro_jax import main
+  from astro_jax.stages import pipeline
+  assert main.config_spec([]) == str(main.REPO / "configs" / "demo.py")
+  config = main.validate(main.load_config_file(main.config_spec([])))
+  assert config.stage == "pipeline" and config.checkpoint == "asset:smollm2" and config.arms == "astro"
+  steps = pipeline.validate(config)
+  assert [s.name for s in steps] == ["mcts", "base/eval", "astro/sft", "astro/eval_sft", "astro/difficulty",
+                                     "astro/rl", "astro/eval_rl"]
+  train, test = (data.load_jsonl(f"{REPO}/configs/data/arith_demo/{n}.jsonl") for n in ("train", "test"))
+  assert {p.level for p in train} == {p.level for p in test} == {1, 2} and len(train) == len(test) == 8
+  # the command itself, without a config: the demo's checks refuse a bad override before any work
+  proc = subprocess.run([sys.executable, "-m", "astro_jax.main", "--config.mcts.search.k=0",
+                         f"--config.output_dir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 2 and "mcts" in proc.stderr and "k" in proc.stderr, proc.stderr[-2000:]
+  assert not (tmp_path / "run").exists()
+
+

@@ -45,48 +45,19 @@ before it). An empty rewrite keeps the original step.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from typing import Sequence
 
-from astro_jax import prompts, verifier
+from astro_jax import verifier
+from astro_jax.prompts import EXAMPLE_PROBLEM, EXAMPLE_SOLUTION, PromptConfig, search_prompt_ids  # noqa: F401
 from astro_jax.sampler import Completion, Request, Sampler, SamplingParams
 from astro_jax.search import render
 from astro_jax.search.mcts import ExpandRequest, Rollout, RolloutRequest, Step
 from astro_jax.search.tree import STEP_DELIMITER
 
-EXAMPLE_PROBLEM = ("Tom has 3 boxes with 4 apples in each box. He eats 3 of the apples. How many apples does Tom "
-                   "have left?")
-EXAMPLE_SOLUTION = ("Tom has 3 boxes with 4 apples in each, so he has 3 * 4 = 12 apples.\n\n"
-                    "He eats 3 of them, so he has 12 - 3 = 9 apples left.\n\n"
-                    "The final answer is \\boxed{9}.")
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptConfig:
-  """The search prompt: [system], [example problem + instruction -> example solution], problem + instruction."""
-  instruction: str = prompts.ASTRO_INSTRUCTION
-  example_problem: str = EXAMPLE_PROBLEM   # "" = zero-shot
-  example_solution: str = EXAMPLE_SOLUTION
-  system: str = ""                         # "" = none (the chat template may add its default)
-
-  def messages(self, problem: str) -> list[dict[str, str]]:
-    def ask(p: str) -> str:
-      return f"{p.strip()}\n\n{self.instruction.strip()}" if self.instruction.strip() else p.strip()
-    out = [{"role": "system", "content": self.system}] if self.system else []
-    if self.example_problem:
-      out += [{"role": "user", "content": ask(self.example_problem)},
-              {"role": "assistant", "content": self.example_solution.strip()}]
-    return out + [{"role": "user", "content": ask(problem)}]
-
 
 def _digest(text: str) -> str:
   return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
-
-
-def search_prompt_ids(tokenizer, prompt: PromptConfig, problem: str) -> list[int]:
-  """Token ids of the search prompt for `problem` (the root state); what the stage checks against the context."""
-  return tokenizer.encode_prompt(tokenizer.chat(prompt.messages(problem)))
 
 
 def boxed_answer(text: str) -> str | None:

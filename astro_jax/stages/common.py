@@ -20,7 +20,7 @@ from typing import Any, Callable
 import ml_collections
 
 from astro_jax import files, sharding
-from astro_jax.errors import ConfigError, UserError
+from astro_jax.errors import ConfigError, UserError, require
 
 ASSET_PREFIX = "asset:"
 DTYPES = ("float32", "bfloat16")
@@ -42,13 +42,54 @@ def model_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({"dtype": "float32"})
 
 
+def sampling_config() -> ml_collections.ConfigDict:
+  """The generate stage's sampling defaults (greedy), which eval starts from."""
+  return ml_collections.ConfigDict({"temperature": 0.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 256, "n": 1,
+                                    "stop": (), "seed": 0})
+
+
+SAMPLING_HELP = {
+    "sampling.temperature": "0 = greedy",
+    "sampling.top_p": "nucleus mass in (0, 1] (1 = off)",
+    "sampling.top_k": "0 = off",
+    "sampling.max_new_tokens": "token budget per completion",
+    "sampling.n": "samples per prompt",
+    "sampling.stop": "strings that end a completion (cut before them)",
+    "sampling.seed": "with the row's identity and sample index, all the randomness",
+}
+
+
+def sampling_params(c: ml_collections.ConfigDict, **overrides):
+  """A `sampling.*` group as the sampler's SamplingParams (`overrides` win, e.g. n)."""
+  from astro_jax.sampler import SamplingParams
+  values = dict(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, max_new_tokens=c.max_new_tokens,
+                n=c.get("n", 1), stop=tuple(s for s in c.stop if s), seed=c.seed)
+  return SamplingParams(**{**values, **overrides})
+
+
+def rl_sampling_config() -> ml_collections.ConfigDict:
+  """How rl samples (T = 1, no top-p / top-k): also difficulty's defaults, whose pass rates are of RL's sampling."""
+  return ml_collections.ConfigDict({"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 1024,
+                                    "stop": (), "seed": 0})
+
+
+def prompt_config() -> ml_collections.ConfigDict:
+  """The prompt (`prompts.PromptConfig`) of eval, rl and difficulty: by default zero-shot with the ASTRO instruction,
+  exactly `prompts.math_messages`."""
+  from astro_jax import prompts
+  return ml_collections.ConfigDict({"instruction": prompts.ASTRO_INSTRUCTION, "example_problem": "",
+                                    "example_solution": "", "system": ""})
+
+
+PROMPT_HELP = {  # rl's and difficulty's words (eval has its own)
+    "prompt.instruction": "appended to every problem",
+    "prompt.example_problem": "a worked example's problem as an earlier chat turn (\"\": zero-shot)",
+    "prompt.example_solution": "the example's solution (steps, a boxed final answer)",
+    "prompt.system": "system message (\"\": none)",
+}
+
+
 # --- value checks -------------------------------------------------------------------------------------------------
-
-def require(ok: bool, key: str, value: Any, why: str) -> None:
-  """A ConfigError naming the key, its value and what it must be, unless `ok`."""
-  if not ok:
-    raise ConfigError(f"config key {key!r} = {value!r}: {why}")
-
 
 def check_base(config: ml_collections.ConfigDict) -> None:
   """The keys every stage has: mesh shape and (when present) model settings."""
@@ -118,6 +159,27 @@ def load_input_problems(config: ml_collections.ConfigDict) -> list:
   """The first `config.limit` problems of `config.input` (all when limit <= 0), each with a problem and an answer."""
   problems = load_problems(config.input, "input")
   return problems[:config.limit] if config.limit > 0 else problems
+
+
+def benchmark_specs(benchmarks: str) -> list[str]:
+  """A comma-separated `benchmarks` value: bundled names or JSONL paths."""
+  return [s.strip() for s in benchmarks.split(",") if s.strip()]
+
+
+def benchmark_name(spec: str) -> str:
+  return Path(spec).stem if spec.endswith(".jsonl") else spec
+
+
+def load_benchmarks(benchmarks: str, limit: int, key: str = "benchmarks") -> dict:
+  """{benchmark name: problems (the first `limit`; -1: all)} of a comma-separated `benchmarks` value (config key
+  `key`); a missing or malformed benchmark is named."""
+  problems = {}
+  for spec in benchmark_specs(benchmarks):
+    name = benchmark_name(spec)
+    require(name not in problems, key, benchmarks, f"{name!r} appears twice")
+    loaded = load_problems(spec, key)
+    problems[name] = loaded[:limit] if limit >= 0 else loaded
+  return problems
 
 
 # --- checkpoint, tokenizer, mesh ----------------------------------------------------------------------------------
@@ -217,11 +279,11 @@ def stage_run(run: Callable) -> Callable:
   """Decorates a stage's `run(config)`: what the run claims for its output (the lock, an overwritten run set aside)
   is released, dropped or put back when it ends, however it ends (a killed run's: by the kernel and the next run)."""
   @functools.wraps(run)
-  def wrapped(config: ml_collections.ConfigDict):
+  def wrapped(config: ml_collections.ConfigDict, **injected):
     with contextlib.ExitStack() as stack:
       _RUNS.append(stack)
       try:
-        return run(config)
+        return run(config, **injected)
       finally:
         _RUNS.pop()
   return wrapped
@@ -294,6 +356,32 @@ def replace_at_first_result(out: Path, names: tuple[str, ...]) -> Callable[[], N
 
   _run_stack().push(on_exit)
   return done
+
+
+# What a training run writes in its directory (what an overwriting run replaces; nothing else there is touched).
+TRAIN_RUN_ENTRIES = ("run_config.json", "data_counts.json", "metrics.jsonl", "tensorboard", "checkpoints",
+                     "loss.png", "rl.png", "eval", "hf")
+
+
+def prepare_run_dir(config: ml_collections.ConfigDict, settings: dict) -> tuple[Path, "SettingsRecord",
+                                                                              Callable[[], None] | None]:
+  """A training run's directory (sft, rl): claim it (lock) and refuse one that holds another run unless resuming it
+  (same settings, or a changed learning rate / schedule) or overwriting. Returns (directory, settings record,
+  `done`): when overwriting, the old run is set aside until `done()` (the new run's first checkpoint) and put back if
+  the run ends before."""
+  from astro_jax.train.config import RESUME_CHANGEABLE
+  out = claim_output(config)
+  record = SettingsRecord(out / "run_config.json", settings)
+  held = [p for p in (out / "run_config.json", out / "metrics.jsonl", out / "checkpoints") if p.exists()]
+  if held and not config.overwrite:
+    if not config.resume:
+      raise UserError(f"output_dir {out} holds a run; pass --config.resume=true to continue it or "
+                      f"--config.overwrite=true to replace it")
+    record.check(held, "output_dir", changeable=RESUME_CHANGEABLE)
+  done = None
+  if config.overwrite and out.is_dir() and is_writer_of(config):
+    done = replace_at_first_result(out, TRAIN_RUN_ENTRIES)
+  return out, record, done
 
 
 # --- the settings record of a resumable output --------------------------------------------------------------------

@@ -40,14 +40,13 @@ import ml_collections
 from tqdm import tqdm
 
 from astro_jax.errors import UserError
-from astro_jax.stages import common, generate, rl
-from astro_jax.stages import eval as eval_stage
+from astro_jax.stages import common
 
 # What shapes the pass rates: a resumed run must use the same. The band only shapes the derived outputs.
 _RUN_KEYS = ("checkpoint", "tokenizer", "input", "samples", "model", "sampling", "prompt")
 RESULT_FILES = ("pass_rates.jsonl", "prompts.jsonl", "summary.json")
 RENAMED = {"sampling.n": "samples"}
-SAMPLING_HELP = {**eval_stage.SAMPLING_HELP,
+SAMPLING_HELP = {**{k: v for k, v in common.SAMPLING_HELP.items() if k not in RENAMED},
                  "sampling.temperature": "0 = greedy; the default is rl's (the estimate is of RL's sampling)",
                  "sampling.max_new_tokens": "response budget (tokens; rl's sampling.max_new_tokens); a response "
                                             "that reaches it is truncated",
@@ -64,12 +63,11 @@ HELP = {
     "keep_above": "keep problems with pass rate > this (exclusive; 0: drop the never-solved; < 0: keep them)",
     "keep_below": "keep problems with pass rate < this (exclusive; 1: drop the always-solved; > 1: keep them)",
     "batch_size": "rows (problems x samples) per sampler call; does not change results",
-    **{k: v for k, v in rl.HELP.items() if k.startswith("prompt.")},
+    **common.PROMPT_HELP,  # rl's
 }
 
 
 def defaults() -> ml_collections.ConfigDict:
-  start = rl.defaults()  # render and sample as rl does: its prompt.* and sampling.* defaults
   c = common.base_config("difficulty")
   c.checkpoint = ""
   c.tokenizer = ""
@@ -82,8 +80,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.keep_below = 1.0
   c.batch_size = 64
   c.model = common.model_config()
-  c.sampling = ml_collections.ConfigDict(start.sampling.to_dict())
-  c.prompt = ml_collections.ConfigDict(start.prompt.to_dict())
+  c.sampling = common.rl_sampling_config()  # render and sample as rl does: its prompt.* and sampling.* defaults
+  c.prompt = common.prompt_config()
   c.verifier = common.verifier_config()
   return c
 
@@ -129,7 +127,7 @@ load_problems = common.load_input_problems  # input + limit, every problem with 
 
 
 def problem_row(problem, samples: list[dict]) -> dict:
-  """The pass_rates.jsonl row of a problem's verified samples (eval.score's)."""
+  """The pass_rates.jsonl row of a problem's verified samples (`generation.Verified.records`)."""
   n_correct = sum(bool(s["correct"]) for s in samples)
   return {"id": problem.id, "problem": problem.problem, "answer": problem.answer,
           "pass_rate": n_correct / len(samples), "n_correct": n_correct, "n_samples": len(samples),
@@ -140,6 +138,7 @@ def problem_row(problem, samples: list[dict]) -> dict:
 
 def summarize(rows: list[dict], config: ml_collections.ConfigDict) -> dict:
   """summary.json: counts per band, the n_correct histogram, the mean pass rate, the eval summary."""
+  from astro_jax import eval_metrics
   counts = {"too_hard": 0, "kept": 0, "too_easy": 0}
   for row in rows:
     counts[band(row["pass_rate"], config)] += 1
@@ -153,15 +152,16 @@ def summarize(rows: list[dict], config: ml_collections.ConfigDict) -> dict:
           "mean_pass_rate": sum(row["pass_rate"] for row in rows) / len(rows),
           "n_correct_histogram": histogram,
           "truncation_rate": sum(s["finish_reason"] == "length" for s in samples) / len(samples),
-          "eval": eval_stage.summarize([row["samples"] for row in rows])}
+          "eval": eval_metrics.summarize_records([row["samples"] for row in rows])}
 
 
 @common.stage_run
 def run(config: ml_collections.ConfigDict) -> dict | None:
   """Estimate the pass rates (resumable), then write prompts.jsonl and summary.json; returns the summary."""
   from astro_jax import data, files, verifier
+  from astro_jax.generation import Item, generate_and_verify
+  from astro_jax.prompts import PromptConfig, search_prompt_ids
   from astro_jax.sampler import Sampler
-  from astro_jax.search.policy import PromptConfig, search_prompt_ids
 
   check(config)
   problems = load_problems(config)
@@ -203,14 +203,17 @@ def run(config: ml_collections.ConfigDict) -> dict | None:
   if todo:
     model = common.load_model(config, ckpt, sharder)
     sampler = Sampler(model, tokenizer, sharder=sharder, max_batch=config.batch_size, dtype=config.model.dtype)
-    params = generate.sampling_params(config.sampling, n=config.samples)
+    params = common.sampling_params(config.sampling, n=config.samples)
     per_call = max(1, config.batch_size // config.samples)
     bar = tqdm(total=len(problems), initial=len(done), desc="difficulty", unit="problem", disable=not writer)
     with verifier.VerifierPool(config.verifier.workers, config.verifier.timeout_s) as pool:
-      items = [(p.id, prompt_ids[p.id], p.answer) for p in todo]
-      for pid, samples in eval_stage.score(sampler, pool, items, params, per_call, writer,
-                                           on_first=lambda: record.record(stale)):
-        done[pid] = problem_row(by_id[pid], samples)
+      items = [Item(p.id, prompt_ids[p.id], p.answer) for p in todo]
+      for got in generate_and_verify(sampler, pool, items, params, per_call=per_call, verify=writer):
+        if not writer:
+          continue
+        record.record(stale)  # the first result: old results of other settings go now
+        pid = got.item.key
+        done[pid] = problem_row(by_id[pid], got.records())
         data.append_jsonl(paths["pass_rates.jsonl"], done[pid])
         bar.update(1)
         bar.set_postfix(kept=sum(in_band(r["pass_rate"], config.keep_above, config.keep_below)

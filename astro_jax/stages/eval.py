@@ -7,7 +7,7 @@ self-reflection / backtracking markers per response, each with a 95% confidence 
 `run_config.json` records the settings that shape results; a directory holding results of other settings is
 refused unless `overwrite`. A problem's k samples are seeded by (sampling.seed, problem id, sample index), so they
 do not depend on batch_size, limit or where a run resumed. k is `samples` (there is no sampling.n here).
-The prompt is `prompt.*`, rendered as the rl and difficulty stages render theirs (`search.policy.PromptConfig`:
+The prompt is `prompt.*`, rendered as the rl and difficulty stages render theirs (`prompts.PromptConfig`:
 [system], [a worked example as an earlier chat turn], the problem + instruction); the default, zero-shot with the
 ASTRO instruction, is `prompts.math_messages`.
 """
@@ -16,18 +16,17 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterator
 
 import ml_collections
 from tqdm import tqdm
 
-from astro_jax.stages import common, generate
+from astro_jax.stages import common
 
 # Settings that change results: a resumed run must use the same ones.
 _RUN_KEYS = ("checkpoint", "tokenizer", "samples", "prompt", "sampling")
 _INPUT_KEYS = ("checkpoint", "tokenizer", "benchmarks")  # recorded as resolved paths + content fingerprints
 RENAMED = {"sampling.n": "samples", "system_prompt": "prompt.system"}  # other spellings (of other stages, or older)
-SAMPLING_HELP = {k: v for k, v in generate.SAMPLING_HELP.items() if k not in RENAMED}
+SAMPLING_HELP = {k: v for k, v in common.SAMPLING_HELP.items() if k not in RENAMED}
 
 HELP = {
     "benchmarks": "comma-separated: math500, amc23, aime24, gsm8k, or JSONL paths (id, problem, answer)",
@@ -55,7 +54,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.overwrite = False
   c.batch_size = 16                      # rows per sampler call (problems x k)
   c.model = common.model_config()
-  c.sampling = generate.sampling_config()
+  c.sampling = common.sampling_config()
   del c.sampling["n"]                    # k is `samples`
   c.sampling.temperature = 0.6
   c.sampling.top_p = 0.95
@@ -64,12 +63,7 @@ def defaults() -> ml_collections.ConfigDict:
   return c
 
 
-def prompt_config() -> ml_collections.ConfigDict:
-  """The prompt (as rl and difficulty render theirs, `search.policy.PromptConfig`); the default is zero-shot with the
-  ASTRO instruction, exactly `prompts.math_messages`."""
-  from astro_jax import prompts
-  return ml_collections.ConfigDict({"instruction": prompts.ASTRO_INSTRUCTION, "example_problem": "",
-                                    "example_solution": "", "system": ""})
+prompt_config = common.prompt_config  # as rl and difficulty render theirs
 
 
 def settings(config: ml_collections.ConfigDict) -> dict:
@@ -79,10 +73,6 @@ def settings(config: ml_collections.ConfigDict) -> dict:
   if values["prompt"] == {**prompt_config().to_dict(), "system": config.prompt.system}:
     values["system_prompt"] = values.pop("prompt")["system"]
   return values
-
-
-def benchmark_name(spec: str) -> str:
-  return Path(spec).stem if spec.endswith(".jsonl") else spec
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -101,25 +91,23 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 
 def benchmark_specs(config: ml_collections.ConfigDict) -> list[str]:
-  return [s.strip() for s in config.benchmarks.split(",") if s.strip()]
+  return common.benchmark_specs(config.benchmarks)
+
+
+benchmark_name = common.benchmark_name
 
 
 def load_problems(config: ml_collections.ConfigDict) -> dict:
   """{benchmark name: problems (the first `limit`)}; a missing or malformed benchmark is named."""
-  problems = {}
-  for spec in benchmark_specs(config):
-    name = benchmark_name(spec)
-    common.require(name not in problems, "benchmarks", config.benchmarks, f"{name!r} appears twice")
-    loaded = common.load_problems(spec, "benchmarks")
-    problems[name] = loaded[:config.limit] if config.limit >= 0 else loaded
-  return problems
+  return common.load_benchmarks(config.benchmarks, config.limit)
 
 
 @common.stage_run
 def run(config: ml_collections.ConfigDict) -> None:
   from astro_jax import data, eval_metrics, files, verifier
+  from astro_jax.generation import Item, generate_and_verify
+  from astro_jax.prompts import PromptConfig, search_prompt_ids
   from astro_jax.sampler import Sampler
-  from astro_jax.search.policy import PromptConfig, search_prompt_ids
 
   check(config)
   problems = load_problems(config)
@@ -147,12 +135,11 @@ def run(config: ml_collections.ConfigDict) -> None:
   model = common.load_model(config, ckpt, sharder)
   sampler = Sampler(model, tokenizer, sharder=sharder, max_batch=config.batch_size,
                     dtype=config.model.dtype)
-  params = generate.sampling_params(config.sampling, n=config.samples)
+  params = common.sampling_params(config.sampling, n=config.samples)
   per_call = max(1, config.batch_size // config.samples)
   if writer:
     out_dir.mkdir(parents=True, exist_ok=True)
 
-  golds = {name: {p.id: p.answer for p in ps} for name, ps in problems.items()}
   summaries = {}
   with verifier.VerifierPool(config.verifier.workers, config.verifier.timeout_s) as pool:
     for name, todo_all in problems.items():
@@ -160,17 +147,20 @@ def run(config: ml_collections.ConfigDict) -> None:
       todo = [p for p in todo_all if p.id not in done[name]]
       bar = tqdm(total=len(todo_all), initial=len(todo_all) - len(todo), desc=f"eval {name}", unit="problem",
                  disable=not writer)
-      for p, samples in score(sampler, pool, [(p.id, prompt_ids[name, p.id], p.answer) for p in todo], params,
-                              per_call, writer, on_first=lambda: record.record(stale)):
-        data.append_jsonl(rows_path, {"id": p, "benchmark": name, "gold": golds[name][p], "samples": samples})
-        bar.update(1)
+      items = [Item(p.id, prompt_ids[name, p.id], p.answer) for p in todo]
+      for got in generate_and_verify(sampler, pool, items, params, per_call=per_call, verify=writer):
+        if writer:
+          record.record(stale)  # the first result: old results of other settings go now
+          data.append_jsonl(rows_path, {"id": got.item.key, "benchmark": name, "gold": got.item.gold,
+                                        "samples": got.records()})
+          bar.update(1)
       bar.close()
       if not writer:
         continue
       record.record(stale)  # nothing was left to sample: the old rows are this run's
       wanted = {p.id for p in todo_all}
       rows = [r for r in data.read_jsonl_rows(rows_path, missing_ok=True) if r["id"] in wanted]
-      summaries[name] = summarize([r["samples"] for r in rows])
+      summaries[name] = eval_metrics.summarize_records([r["samples"] for r in rows])
 
   if not writer:
     return
@@ -180,39 +170,3 @@ def run(config: ml_collections.ConfigDict) -> None:
   print(markdown)
   logging.info("wrote %s", out_dir)
 
-
-def score(sampler, pool, items: list[tuple[Any, list[int], str]], params, per_call: int, writer: bool = True,
-          on_first: Callable[[], None] | None = None) -> Iterator[tuple[Any, list[dict] | None]]:
-  """Sample and verify: items are (key, prompt ids, gold); `per_call` items a sampler call (params.n samples
-  each, seeded by the key). Yields (key, samples) per item, each sample {text, answer, correct, timed_out,
-  n_tokens, finish_reason, reflections, backtracks}. Multi-host: every process samples (call on all of them);
-  only the writer verifies and yields (`on_first` runs once before its first result)."""
-  from astro_jax import prompts
-  for start in range(0, len(items), per_call):
-    chunk = items[start:start + per_call]
-    results = sampler.generate([ids for _, ids, _ in chunk], params, keys=[key for key, _, _ in chunk])
-    if not writer:
-      continue
-    if on_first is not None and start == 0:
-      on_first()
-    verdicts = iter(pool.verify([c.text for completions in results for c in completions],
-                                [gold for (_, _, gold), completions in zip(chunk, results) for _ in completions]))
-    for (key, _, _), completions in zip(chunk, results):
-      samples = []
-      for c in completions:
-        v = next(verdicts)
-        samples.append({"text": c.text, "answer": v.answer, "correct": v.correct, "timed_out": v.timed_out,
-                        "n_tokens": len(c.token_ids), "finish_reason": c.finish_reason,
-                        "reflections": prompts.count_reflections(c.text),
-                        "backtracks": prompts.count_backtracks(c.text)})
-      yield key, samples
-
-
-def summarize(sample_lists: list[list[dict]]) -> dict:
-  """The eval summary (eval_metrics.summarize) of each problem's samples, as `score` gives them."""
-  from astro_jax import eval_metrics
-  per_problem = [[eval_metrics.Sample(s["correct"], s["answer"], s["n_tokens"], s["reflections"],
-                                      s.get("backtracks", 0)) for s in samples] for samples in sample_lists]
-  out = eval_metrics.summarize(per_problem)
-  out["verifier_timeouts"] = sum(s["timed_out"] for samples in sample_lists for s in samples)
-  return out

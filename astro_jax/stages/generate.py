@@ -34,22 +34,9 @@ HELP = {
     "overwrite": "replace an output made with other settings",
     "batch_size": "rows (prompts x n) per sampler call; does not change results",
 }
-
-
-def sampling_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({"temperature": 0.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 256, "n": 1,
-                                    "stop": (), "seed": 0})
-
-
-SAMPLING_HELP = {
-    "sampling.temperature": "0 = greedy",
-    "sampling.top_p": "nucleus mass in (0, 1] (1 = off)",
-    "sampling.top_k": "0 = off",
-    "sampling.max_new_tokens": "token budget per completion",
-    "sampling.n": "samples per prompt",
-    "sampling.stop": "strings that end a completion (cut before them)",
-    "sampling.seed": "with the row's identity and sample index, all the randomness",
-}
+SAMPLING_HELP = common.SAMPLING_HELP
+sampling_config = common.sampling_config  # greedy by default
+sampling_params = common.sampling_params
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -64,13 +51,6 @@ def defaults() -> ml_collections.ConfigDict:
   c.model = common.model_config()
   c.sampling = sampling_config()
   return c
-
-
-def sampling_params(c: ml_collections.ConfigDict, **overrides):
-  from astro_jax.sampler import SamplingParams
-  values = dict(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, max_new_tokens=c.max_new_tokens,
-                n=c.get("n", 1), stop=tuple(s for s in c.stop if s), seed=c.seed)
-  return SamplingParams(**{**values, **overrides})
 
 
 def check(config: ml_collections.ConfigDict) -> None:

@@ -124,7 +124,7 @@ HELP = {
 def defaults() -> ml_collections.ConfigDict:
   from astro_jax.search import linearize, render
   from astro_jax.search.mcts import SearchConfig
-  from astro_jax.search.policy import PromptConfig
+  from astro_jax.prompts import PromptConfig
   c = common.base_config("mcts")
   c.checkpoint = ""  # required: the defaults are sized for an 8B+ policy with a long context (configs/mcts_8b.py)
   c.tokenizer = ""
@@ -162,7 +162,7 @@ def search_config(c: ml_collections.ConfigDict):
 
 
 def prompt_config(c: ml_collections.ConfigDict):
-  from astro_jax.search.policy import PromptConfig
+  from astro_jax.prompts import PromptConfig
   return PromptConfig(**c.prompt.to_dict())
 
 
@@ -182,7 +182,7 @@ def render_config(c: ml_collections.ConfigDict):
 
 def user_prompt(c: ml_collections.ConfigDict):
   """The SFT rows' user turn: the problem with the search prompt's instruction, zero-shot."""
-  from astro_jax.search.policy import PromptConfig
+  from astro_jax.prompts import PromptConfig
   bare = PromptConfig(instruction=c.prompt.instruction, example_problem="", system="")
   return lambda problem: bare.messages(problem)[-1]["content"]
 
@@ -255,7 +255,7 @@ load_problems = common.load_input_problems  # input + limit, every problem with 
 
 def check_context(config, problems, tokenizer, max_positions: int) -> None:
   """The longest state the search can build must fit the model's context (see the module docstring)."""
-  from astro_jax.search.policy import search_prompt_ids
+  from astro_jax.prompts import search_prompt_ids
   s, prompt = config.search, prompt_config(config)
   growth = (s.max_depth - 1) * s.step_max_tokens + max(s.step_max_tokens, s.rollout_max_tokens)
   for p in problems:

@@ -563,6 +563,8 @@ def run(config: ml_collections.ConfigDict) -> None:
       report(run_dir)
   if writer:
     report(run_dir)  # at the end: with every stage's final status
+    from astro_jax import report as report_lib
+    print("\n" + report_lib.table_text(run_dir) + "\n", flush=True)
     ran = [n for n in order if actions[n] != "skip"]
     print(f"pipeline: {len(ran)} stage(s) run, {len(order) - len(ran)} skipped, {time.perf_counter() - began:.1f} s; "
           f"report {run_dir / 'report.md'}", flush=True)

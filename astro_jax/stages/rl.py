@@ -17,6 +17,9 @@ One step (ASTRO §3.2: reward +1 / -1 for a right / wrong final answer, G = 4 re
   4. `minibatches` optimizer updates on disjoint parts of the batch (each `grad_accum` micro-batches), the clipped
      ratio against the sampler's own log-probs (`loss.*`); with `loss.beta` > 0 a frozen reference (the start
      checkpoint) adds a k3 KL term (beta = 0: no reference is held).
+This module checks the config and wires the parts (`run`: config -> objects -> loop -> outputs); the step itself is
+`astro_jax.rl.learner.RLLearner` (`collect`, `update`, `evaluate`), responses are sampled and verified by
+`astro_jax.generation.generate_and_verify`.
 
 Stops (one line naming the step and the last good checkpoint; no checkpoint or HF export after them): a loss,
 gradient norm, updated weights or sampled log-probs that are not finite (NonFiniteLoss); and, with
@@ -50,19 +53,15 @@ continues exactly as the uninterrupted one.
 """
 from __future__ import annotations
 
-import concurrent.futures
-import dataclasses
-import json
 import math
-import time
 from pathlib import Path
-from typing import Any
+from typing import Callable
 
 import ml_collections
-import numpy as np
 
 from astro_jax.errors import UserError
-from astro_jax.stages import common, sft
+from astro_jax.stages import common
+from astro_jax.train import config as train_config
 
 # What shapes the run's numbers: a resumed run must have the same.
 _RUN_KEYS = ("checkpoint", "tokenizer", "prompts", "seed", "steps", "batch_prompts", "group_size", "minibatches",
@@ -116,10 +115,7 @@ HELP = {
     "reward.overlong_buffer": "penalty: the last N tokens of the budget, over which the penalty ramps up",
     "reward.overlong_penalty": "penalty: its size at the budget",
     "reward.shuffle": "control experiment: permute the rewards across each round's responses (learning is noise)",
-    "prompt.instruction": "appended to every problem",
-    "prompt.example_problem": "a worked example's problem as an earlier chat turn (\"\": zero-shot)",
-    "prompt.example_solution": "the example's solution (steps, a boxed final answer)",
-    "prompt.system": "system message (\"\": none)",
+    **common.PROMPT_HELP,
     "eval.every": "evaluate every N steps and at the end (0: never)",
     "eval.benchmarks": "comma-separated: math500, amc23, aime24, gsm8k, or JSONL paths",
     "eval.limit": "the first N problems of each benchmark (-1: all)",
@@ -127,13 +123,12 @@ HELP = {
     "eval.temperature": "eval sampling temperature",
     "eval.top_p": "eval nucleus mass",
     "eval.max_new_tokens": "eval response budget (0: sampling.max_new_tokens)",
-    **{k: v for k, v in sft.HELP.items() if k.startswith(("model.", "optimizer."))},
+    **train_config.HELP,
 }
 HELP["model.dtype"] = "the trainer's compute dtype (matmuls and activations): float32 or bfloat16"
 
 
 def defaults() -> ml_collections.ConfigDict:
-  from astro_jax import prompts
   c = common.base_config("rl")
   c.checkpoint = ""
   c.tokenizer = ""
@@ -157,20 +152,18 @@ def defaults() -> ml_collections.ConfigDict:
   c.export_hf = True
   c.peak_flops = 0.0
   c.accelerator = ""
-  c.model = sft.train_model_config()
+  c.model = train_config.train_model_config()
   c.sampler = ml_collections.ConfigDict({"dtype": "float32", "cache_dtype": "", "max_batch": 64})
-  c.sampling = ml_collections.ConfigDict({"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 1024,
-                                          "stop": (), "seed": 0})
+  c.sampling = common.rl_sampling_config()
   c.loss = ml_collections.ConfigDict({"aggregation": "token-mean", "eps_low": 0.2, "eps_high": 0.28,
                                       "scale_std": True, "beta": 0.0})
   c.reward = ml_collections.ConfigDict({"correct": 1.0, "wrong": -1.0, "overlong": "none", "overlong_buffer": 0,
                                         "overlong_penalty": 1.0, "shuffle": False})
-  c.prompt = ml_collections.ConfigDict({"instruction": prompts.ASTRO_INSTRUCTION, "example_problem": "",
-                                        "example_solution": "", "system": ""})
+  c.prompt = common.prompt_config()
   c.eval = ml_collections.ConfigDict({"every": 0, "benchmarks": "", "limit": -1, "samples": 4,
                                       "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 0})
   c.verifier = common.verifier_config()
-  c.optimizer = sft.optimizer_config()
+  c.optimizer = train_config.optimizer_config()
   c.optimizer.lr = 1e-6
   c.optimizer.schedule = "constant"
   c.optimizer.warmup_fraction = 0.0
@@ -201,7 +194,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   r(config.minibatches >= 1 and (config.batch_prompts * config.group_size) % config.minibatches == 0,
     "minibatches", config.minibatches,
     f"must be >= 1 and divide batch_prompts x group_size = {config.batch_prompts * config.group_size}")
-  sft.check_train(config, rows_per_update(config), update_rows_from(config))
+  train_config.check_train(config, rows_per_update(config), update_rows_from(config))
   r(config.steps >= 1, "steps", config.steps, "must be >= 1")
   r(bool(config.checkpoint), "checkpoint", config.checkpoint, "a start checkpoint is required")
   r(bool(config.prompts), "prompts", config.prompts, "a JSONL of problems (id, problem, answer) is required")
@@ -261,69 +254,33 @@ def make_trainer(config: ml_collections.ConfigDict, model_cfg, sharder):
                              batch_from=update_rows_from(config))
 
 
-@dataclasses.dataclass
-class Group:
-  """One prompt's G responses and their scores."""
-  problem: Any
-  epoch: int
-  completions: list
-  correct: np.ndarray   # [G] bool (the verifier's verdicts)
-  rewards: np.ndarray   # [G] float (shaped; shuffled in the control)
-
-
-def has_signal(group: Group, shuffled: bool = False) -> bool:
-  """Whether a group teaches anything (dynamic sampling keeps it; zero_signal_fraction counts the others): some of
-  its responses right and some wrong. Decided on the verdicts, not on the shaped rewards: with reward.overlong =
-  penalty four wrong answers of different lengths get different rewards, and std scaling would turn that length gap
-  into full-size advantages (+-0.87 for two short, two long). In the shuffled-reward control (`shuffled`) the
-  rewards no longer belong to the responses, so there signal is on the permuted rewards (any two differ): the
-  control keeps training, on noise, which is its point."""
-  from astro_jax.train import rollouts
-  return rollouts.has_signal(group.rewards if shuffled else group.correct)
-
-
-class _CompileCounter:
-  """XLA programs compiled since the last `take()` (JAX's monitoring events; one listener per process)."""
-  _instance: "_CompileCounter | None" = None
-
-  def __new__(cls):
-    if cls._instance is None:
-      import jax
-      cls._instance = super().__new__(cls)
-      cls._instance.n = 0
-      jax.monitoring.register_event_duration_secs_listener(cls._instance._on_event)
-    return cls._instance
-
-  def _on_event(self, event: str, duration: float, **_):
-    if event == "/jax/core/compile/backend_compile_duration":
-      self.n += 1
-
-  def take(self) -> int:
-    n, self.n = self.n, 0
-    return n
+RL_CURVES = (("reward_mean", "reward"), ("accuracy", "accuracy", "eval_pass@1"),
+             ("response_length_mean", "response tokens", "eval_mean_response_tokens"),
+             ("backtracks_per_response", "backtracks / response", "eval_mean_backtracks"),
+             ("entropy", "entropy (nats / token)"), ("clip_fraction", "clipped tokens"))
 
 
 @common.stage_run
-def run(config: ml_collections.ConfigDict) -> None:
-  import jax
+def run(config: ml_collections.ConfigDict, *, make_sampler: Callable | None = None) -> None:
+  """Wiring: config -> checked inputs -> trainer, sampler, learner -> the loop -> outputs. `make_sampler(cfg,
+  tokenizer, **settings)` builds the sampler (default `Sampler`; benchmarks/rl_step.py passes a timed one)."""
   from tqdm import tqdm
 
   from astro_jax import checkpoint, verifier
-  from astro_jax.sampler import Request, Sampler, SamplingParams
-  from astro_jax.search.policy import PromptConfig, search_prompt_ids
+  from astro_jax.generation import Item
+  from astro_jax.prompts import PromptConfig, search_prompt_ids
+  from astro_jax.rl.learner import LearnerConfig, Reference, RLLearner
+  from astro_jax.sampler import Sampler, SamplingParams
   from astro_jax.sharding import Sharder
-  from astro_jax.stages import eval as eval_stage
+  from astro_jax.train import loop, rollouts
   from astro_jax.train import metrics as metrics_lib
-  from astro_jax.train import loop, losses, rollouts
 
+  # Inputs, checked before any work: prompts, eval benchmarks, checkpoint, prompt lengths, the run directory.
   check(config)
   problems = common.load_problems(config.prompts, "prompts")
   by_id = {p.id: p for p in problems}
   common.require(len(by_id) == len(problems), "prompts", config.prompts, "problem ids must be unique")
-  eval_problems = {}
-  if config.eval.every:
-    eval_problems = eval_stage.load_problems(ml_collections.ConfigDict(
-        {"benchmarks": config.eval.benchmarks, "limit": config.eval.limit}))
+  eval_problems = common.load_benchmarks(config.eval.benchmarks, config.eval.limit) if config.eval.every else {}
   ckpt, model_cfg = common.inspect_checkpoint(config)
   tokenizer = common.load_tokenizer(config, ckpt, model_cfg)
   prompt = PromptConfig(**config.prompt.to_dict())
@@ -336,203 +293,65 @@ def run(config: ml_collections.ConfigDict) -> None:
                  f"+ sampling.max_new_tokens = {seq_len(config)} > the model's context of "
                  f"{model_cfg.max_position_embeddings} positions")
   eval_budget = config.eval.max_new_tokens or config.sampling.max_new_tokens
-  eval_ids = {(name, p.id): search_prompt_ids(tokenizer, prompt, p.problem)
-              for name, ps in eval_problems.items() for p in ps}
-  keys = list(eval_ids)
-  common.check_prompt_lengths([len(eval_ids[k]) for k in keys], eval_budget, model_cfg.max_position_embeddings,
-                              lambda i: f"eval benchmark {keys[i][0]}, problem {keys[i][1]!r}")
-  out, record, replaced = sft.prepare_run_dir(config, common.to_settings(config, _RUN_KEYS, _INPUT_KEYS))
+  evals = {name: [Item(p.id, search_prompt_ids(tokenizer, prompt, p.problem), p.answer) for p in ps]
+           for name, ps in eval_problems.items()}
+  where = [(name, it.key) for name, items in evals.items() for it in items]
+  common.check_prompt_lengths([len(it.prompt_ids) for items in evals.values() for it in items], eval_budget,
+                              model_cfg.max_position_embeddings,
+                              lambda i: f"eval benchmark {where[i][0]}, problem {where[i][1]!r}")
+  out, record, replaced = common.prepare_run_dir(config, common.to_settings(config, _RUN_KEYS, _INPUT_KEYS))
 
+  # Objects: trainer (+ resume), reference, sampler.
   sharder = common.setup_mesh(config, "train")
   writer = common.is_writer()
   trainer = make_trainer(config, model_cfg, sharder)
   stream = rollouts.PromptStream([p.id for p in problems], config.seed)
   ckpts, start = trainer.start_or_resume(config, out, record, stream, on_first_save=replaced)
-  beta = config.loss.beta
-  ref_params = None
-  if start == 0 or beta:
+  reference = None
+  if start == 0 or config.loss.beta:
     start_weights = checkpoint.load_model(ckpt, sharder=sharder).weights()
     if start == 0:
       trainer.load_params(start_weights)
-    # the frozen reference: the start weights in the trainer's compute dtype and param sharding
-    ref_params = trainer.placed(start_weights, trainer.run.jnp_dtype) if beta else None
+    if config.loss.beta:
+      reference = Reference(trainer, start_weights, chunk=config.loss_chunk, temperature=config.sampling.temperature)
     del start_weights
-  ref_fn = jax.jit(lambda p, b: losses.sequence_logprobs(trainer.cfg, trainer.run, sharder, p, b,
-                                                         chunk=config.loss_chunk,
-                                                         temperature=config.sampling.temperature)[0]) if beta else None
-  sampler = Sampler(trainer.cfg, tokenizer, sharder=Sharder.create(sharder.mesh, "sample"),
-                    max_batch=config.sampler.max_batch, dtype=config.sampler.dtype,
-                    cache_dtype=config.sampler.cache_dtype or None)
+  sampler = (make_sampler or Sampler)(trainer.cfg, tokenizer, sharder=Sharder.create(sharder.mesh, "sample"),
+                                      max_batch=config.sampler.max_batch, dtype=config.sampler.dtype,
+                                      cache_dtype=config.sampler.cache_dtype or None)
   S = config.sampling
   params = SamplingParams(temperature=S.temperature, top_p=S.top_p, top_k=S.top_k, max_new_tokens=S.max_new_tokens,
                           n=config.group_size, stop=tuple(s for s in S.stop if s), seed=S.seed)
   eval_params = SamplingParams(temperature=config.eval.temperature, top_p=config.eval.top_p,
                                max_new_tokens=eval_budget, n=config.eval.samples, seed=S.seed)
-  T = seq_len(config)
-  n_rows = config.batch_prompts * config.group_size
-  per_chunk = max(1, config.sampler.max_batch // config.group_size)
-  compiles = _CompileCounter()
 
-  def sample_round(taken: list[tuple[int, str]], pool, executor, times: dict) -> list[Group]:
-    """Sample `taken` prompts' groups chunk by chunk; each chunk is verified in the background while the next one
-    decodes. Multi-host: every process samples every row; process 0 verifies and broadcasts the verdicts."""
-    chunks = [taken[i:i + per_chunk] for i in range(0, len(taken), per_chunk)]
-    outputs, pending = [], []
-
-    def judge(chunk, outs):
-      began = time.perf_counter()
-      verdicts = pool.verify([c.text for o in outs for c in o], [by_id[pid].answer for _, pid in chunk for _ in
-                                                                  range(config.group_size)])
-      return [v.correct for v in verdicts], time.perf_counter() - began
-
-    for chunk in chunks:
-      began = time.perf_counter()
-      outs = sampler.sample([Request(prompt_ids[pid], params, key=["rl", epoch, pid]) for epoch, pid in chunk])
-      times["time_sampling"] += time.perf_counter() - began
-      outputs.append(outs)
-      if writer:
-        pending.append(executor.submit(judge, chunk, outs))
-    correct = np.zeros((len(taken), config.group_size), bool)
-    if writer:
-      flat = []
-      for f in pending:
-        verdicts, busy = f.result()
-        flat += verdicts
-        times["time_scoring"] += busy
-      correct[:] = np.asarray(flat, bool).reshape(correct.shape)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      correct = np.asarray(multihost_utils.broadcast_one_to_all(correct), bool)
-    groups = []
-    for i, ((epoch, pid), outs) in enumerate(zip(taken, (o for outs in outputs for o in outs))):
-      lengths = np.asarray([len(c.token_ids) for c in outs])
-      groups.append(Group(by_id[pid], epoch, outs, correct[i], rollouts.rewards(
-          correct[i], lengths, max_new_tokens=S.max_new_tokens, correct_reward=config.reward.correct,
-          wrong_reward=config.reward.wrong, overlong=config.reward.overlong, buffer=config.reward.overlong_buffer,
-          penalty=config.reward.overlong_penalty)))
-    return groups
-
-  def stop_if_broken_sampler(step: int, groups: list[Group]) -> None:
-    """NonFiniteLoss if a sampled token's log-prob is not finite: the weights the sampler took (those of the last
-    update) give non-finite logits. Every process samples every row, so all of them stop here together."""
-    lps = np.concatenate([np.asarray(c.logprobs, np.float64) for g in groups for c in g.completions] or [[]])
-    bad = int(np.count_nonzero(~np.isfinite(lps)))
-    if bad:
-      loop.stop_training(step, f"the sampler's log-probs are not finite ({bad} of {lps.size} sampled tokens: the "
-                         f"weights give non-finite logits)", ckpts, gave_it=step - 1)
-
-  def collect(step: int, pool, executor, times: dict) -> tuple[list[Group], list[Group], int]:
-    """(the batch's groups, every group sampled this step, sampling rounds)."""
-    kept, sampled = [], []
-    for round_ in range(config.max_sampling_rounds if config.dynamic_sampling else 1):
-      groups = sample_round(stream.take(config.batch_prompts), pool, executor, times)
-      stop_if_broken_sampler(step, groups)
-      if config.reward.shuffle:  # the control: rewards permuted across the round's responses
-        flat = np.concatenate([g.rewards for g in groups])
-        flat = flat[np.random.default_rng([config.seed, step, round_]).permutation(len(flat))]
-        for i, g in enumerate(groups):
-          g.rewards = flat[i * config.group_size:(i + 1) * config.group_size]
-      sampled += groups
-      kept += [g for g in groups if has_signal(g, config.reward.shuffle)] if config.dynamic_sampling else groups
-      if len(kept) >= config.batch_prompts:
-        break
-    return kept[:config.batch_prompts], sampled, round_ + 1
-
-  def train_on(rows: dict[str, np.ndarray], step: int) -> dict:
-    """`minibatches` updates on disjoint parts of the step's rows; the metrics' sums, fetched."""
-    order = np.random.default_rng([config.seed, step, 1]).permutation(n_rows)
-    span, per = trainer.local_rows, rows_per_update(config)
-    sums = dict.fromkeys(_UPDATE_SUMS, 0.0)
-    for m in range(config.minibatches):
-      part = order[m * per:(m + 1) * per]
-      local = {k: v[part][span] for k, v in rows.items()}
-      batch = trainer.put_batch({k: local[k] for k in rollouts.RL_BATCH_AXES} |
-                                ({"ref_logprobs": np.zeros_like(local["old_logprobs"])} if beta else {}))
-      if beta:
-        batch["ref_logprobs"] = ref_fn(ref_params, batch)
-      trainer.state, device_metrics = trainer.step_fn(trainer.state, batch)
-      got = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-      loop.stop_if_not_finite(step, got["loss"], got["grad_norm"], ckpts, got["params_finite"] > 0,
-                              weights_of=step - 1 if m == 0 else step)  # step's own weights are never saved
-      if m == 0:
-        sums["gap_first"], sums["tokens_first"] = got["logprob_gap"], got["tokens"]
-      for k in _UPDATE_SUMS:
-        sums[k] += got[k]
-    return sums
-
-  def evaluate(step: int, pool) -> dict:
-    row = {}
-    for name, ps in eval_problems.items():
-      items = [(p.id, eval_ids[name, p.id], p.answer) for p in ps]
-      results = list(eval_stage.score(sampler, pool, items, eval_params, per_call=per_chunk, writer=writer))
-      if writer:
-        summary = eval_stage.summarize([samples for _, samples in results])
-        (out / "eval").mkdir(exist_ok=True)
-        from astro_jax.files import write_text_atomic
-        write_text_atomic(out / "eval" / f"step_{step}_{name}.json", json.dumps(summary, indent=2) + "\n")
-        prefix = "eval" if len(eval_problems) == 1 else f"eval_{name}"
-        for metric in ("pass@1", f"maj@{config.eval.samples}", "mean_backtracks", "mean_response_tokens"):
-          if metric in summary["metrics"]:
-            row[f"{prefix}_{metric}"] = summary["metrics"][metric]["mean"]
-    return row
-
-  empty = 0  # steps in a row that kept no group
+  # The loop: a step, its checkpoint, its metrics row.
   log = metrics_lib.MetricsLog(out, start) if writer else None
   bar = tqdm(total=config.steps, initial=start, desc="rl", unit="step", disable=not writer, dynamic_ncols=True)
-  executor = concurrent.futures.ThreadPoolExecutor(1, "verifier")
-  compiles.take()
   try:
     with verifier.VerifierPool(config.verifier.workers, config.verifier.timeout_s) as pool:
+      learner = RLLearner(LearnerConfig.from_config(config, tokenizer.pad_id), sampler, trainer, pool, stream, by_id,
+                          prompt_ids, params, ckpts, reference=reference, evals=evals, eval_params=eval_params,
+                          eval_dir=out / "eval", writer=writer)
       for step in range(start + 1, config.steps + 1):
-        began = time.perf_counter()
-        times = {"time_sampling": 0.0, "time_scoring": 0.0}
-        decode_before = (sampler.stats.tokens, sampler.stats.row_steps)
-        sampler.update_weights(trainer.state["params"])
-        jax.block_until_ready(sampler.params)
-        times["time_weight_sync"] = time.perf_counter() - began
-        kept, sampled, rounds = collect(step, pool, executor, times)
-        empty = 0 if kept else empty + 1
-        decoded = (sampler.stats.tokens - decode_before[0], sampler.stats.row_steps - decode_before[1])
-        t_train = time.perf_counter()
-        if kept:
-          sums = train_on(batch_rows(kept, prompt_ids, n_rows, T, scale_std=config.loss.scale_std,
-                                     mask_truncated=config.reward.overlong == "mask", pad_id=tokenizer.pad_id), step)
-        else:  # no group had signal in any round: no update (Adam would still move the weights on zero gradients)
-          sums = dict.fromkeys(_UPDATE_SUMS + ("gap_first", "tokens_first"), 0.0)
-        times["time_training"] = time.perf_counter() - t_train
-        row = {"step": step, **_sample_metrics(sampled, writer, config.reward.shuffle), "groups": len(kept),
-               "sampling_rounds": rounds, "finished_row_fraction": 1.0 - decoded[0] / max(decoded[1], 1),
-               "entropy": sums["entropy"] / max(sums["tokens"], 1.0), "kl": sums["kl"] / max(sums["tokens"], 1.0),
-               "clip_fraction": sums["clipped"] / max(sums["tokens"], 1.0),
-               "grad_norm": sums["grad_norm"] / config.minibatches, "loss": sums["loss"] / config.minibatches,
-               "logprob_gap": sums["gap_first"] / max(sums["tokens_first"], 1.0),
-               "lr": float(trainer.schedule(step * config.minibatches - 1)), "tokens_trained": int(sums["tokens"])}
-        if config.eval.every and (step % config.eval.every == 0 or step == config.steps):
-          sampler.update_weights(trainer.state["params"])
-          t_eval = time.perf_counter()
-          row.update(evaluate(step, pool))
-          times["time_eval"] = time.perf_counter() - t_eval
-        times["time_s"] = time.perf_counter() - began
-        sampled_tokens = sum(len(c.token_ids) for g in sampled for c in g.completions)
-        rl_seconds = times["time_s"] - times.get("time_eval", 0.0)
-        row.update(times, tokens_per_s=sampled_tokens / max(rl_seconds, 1e-9), compiles=compiles.take())
-        give_up = empty >= config.max_empty_steps
+        row = learner.step(step)
+        give_up = learner.empty_steps >= config.max_empty_steps
         if not give_up and (step % config.save_every == 0 or step == config.steps):
-          ckpts.save(step, trainer.state, stream.get_state())
+          learner.save(step)
         if log is not None:
           log.write(row)
         if give_up:  # after the row: metrics.jsonl shows why (groups 0, zero_signal_fraction 1)
-          loop.stop_training(step, f"no group with a reward signal for {empty} steps in a row (all right or all "
-                             f"wrong); the model may be broken", ckpts, UserError)
+          loop.stop_training(step, f"no group with a reward signal for {learner.empty_steps} steps in a row (all "
+                             f"right or all wrong); the model may be broken", ckpts, UserError)
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.3f}")
     ckpts.wait()
   finally:
-    executor.shutdown()
     bar.close()
     ckpts.close()
     if log is not None:
       log.close()
+
+  # Outputs: the curves, the final weights as HF, a summary line.
   rows_out = metrics_lib.read_rows(out / "metrics.jsonl")
   if writer:
     metrics_lib.plot_panels(rows_out, RL_CURVES, out / "rl.png", title=f"rl: {Path(config.prompts).name}")
@@ -542,50 +361,3 @@ def run(config: ml_collections.ConfigDict) -> None:
     first, last = rows_out[0], rows_out[-1]
     print(f"rl: {config.steps} steps; accuracy {first['accuracy']:.3f} (step {first['step']}) -> "
           f"{last['accuracy']:.3f} (step {last['step']}); run directory {out}")
-
-
-_UPDATE_SUMS = ("loss", "grad_norm", "tokens", "clipped", "entropy", "kl")  # summed over a step's updates
-RL_CURVES = (("reward_mean", "reward"), ("accuracy", "accuracy", "eval_pass@1"),
-             ("response_length_mean", "response tokens", "eval_mean_response_tokens"),
-             ("backtracks_per_response", "backtracks / response", "eval_mean_backtracks"),
-             ("entropy", "entropy (nats / token)"), ("clip_fraction", "clipped tokens"))
-
-
-def batch_rows(groups: list[Group], prompt_ids: dict[str, list[int]], n_rows: int, seq_len: int, *,
-               scale_std: bool = True, mask_truncated: bool = False, pad_id: int = 0) -> dict[str, np.ndarray]:
-  """The step's training rows: each group's responses with their group-relative advantages; truncated responses
-  out of the loss when `mask_truncated`; rows past the groups (a batch dynamic sampling could not fill) weigh 0."""
-  from astro_jax.train import policy_loss, rollouts
-  prompts_, responses, lps, advs, truncated = [], [], [], [], []
-  for g in groups:
-    adv_G = np.asarray(policy_loss.group_advantages(np.asarray(g.rewards)[None], scale_std))[0]
-    for c, a in zip(g.completions, adv_G):
-      prompts_.append(prompt_ids[g.problem.id])
-      responses.append(c.token_ids)
-      lps.append(c.logprobs)
-      advs.append(float(a))
-      truncated.append(c.finish_reason == "length")
-  pad = n_rows - len(responses)
-  if pad < 0:
-    raise ValueError(f"{len(responses)} responses for {n_rows} rows")
-  rows = rollouts.response_rows(prompts_ + [[pad_id]] * pad, responses + [[]] * pad, lps + [[]] * pad,
-                                advs + [0.0] * pad, seq_len=seq_len)
-  if mask_truncated:
-    rows["weights"][np.asarray(truncated + [False] * pad)] = 0.0
-  return rows
-
-
-def _sample_metrics(groups: list[Group], writer: bool, shuffled: bool = False) -> dict:
-  """What the sampled responses of a step say (every group of every round; `shuffled`: the shuffled-reward
-  control, see `has_signal`)."""
-  from astro_jax import prompts
-  completions = [c for g in groups for c in g.completions]
-  lengths = np.asarray([len(c.token_ids) for c in completions])
-  texts = [c.text for c in completions] if writer else []
-  return {"reward_mean": float(np.mean(np.concatenate([g.rewards for g in groups]))),
-          "accuracy": float(np.mean(np.concatenate([g.correct for g in groups]))),
-          "zero_signal_fraction": float(np.mean([not has_signal(g, shuffled) for g in groups])),
-          "truncation_rate": float(np.mean([c.finish_reason == "length" for c in completions])),
-          "response_length_mean": float(lengths.mean()), "response_length_max": int(lengths.max()),
-          "backtracks_per_response": float(np.mean([prompts.count_backtracks(t) for t in texts])) if texts else 0.0,
-          "reflections_per_response": float(np.mean([prompts.count_reflections(t) for t in texts])) if texts else 0.0}

@@ -28,26 +28,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
-from typing import Callable
 
 import ml_collections
 
 from astro_jax.errors import UserError
 from astro_jax.stages import common
+from astro_jax.train import config as train_config
 
 # What shapes the run's numbers: a resumed run must have the same.
 _RUN_KEYS = ("checkpoint", "tokenizer", "data", "eval_data", "eval_fraction", "seed", "steps", "batch_size",
              "grad_accum", "seq_len", "max_length", "loss_on", "overlong", "on_error", "loss_chunk", "model",
              "optimizer")
 _INPUT_KEYS = ("checkpoint", "tokenizer", "data", "eval_data")  # recorded as resolved paths + content fingerprints
-# What a training run writes in its directory (what an overwriting run replaces; nothing else there is touched).
-RUN_ENTRIES = ("run_config.json", "data_counts.json", "metrics.jsonl", "tensorboard", "checkpoints", "loss.png",
-               "rl.png", "eval", "hf")
-# What a resumed run may change (continuing after a NaN stop with a lower learning rate); kept in run_config.json.
-RESUME_CHANGEABLE = ("optimizer.lr", "optimizer.schedule", "optimizer.warmup_fraction", "optimizer.final_lr_fraction")
-
 HELP = {
     "seed": "data order (shuffle before packing and each epoch)",
     "checkpoint": "the start model: Orbax or HF checkpoint directory, a training run's step (RUN/checkpoints/N), or "
@@ -74,23 +67,7 @@ HELP = {
     "export_hf": "write the final weights to output_dir/hf as a HF checkpoint",
     "peak_flops": "peak FLOP/s of one device for MFU (0: from the device kind)",
     "accelerator": "the memory plan's device (tools/plan_memory.py): tpu_v5p, tpu_v5e, tpu_v4, h100, h200, a100",
-    "model.dtype": "compute dtype of matmuls and activations: float32 or bfloat16",
-    "model.param_dtype": "dtype of the trained (master) weights and optimizer moments",
-    "model.remat": "rematerialisation per layer: none, full, save_dots, save_layer_inputs",
-    "model.scan_layers": "lax.scan over the layers (one compiled layer) vs unrolled",
-    "model.attention_block": "queries attended to in blocks of N, one block's scores at a time (0: all at once)",
-    "optimizer.lr": "peak learning rate",
-    "optimizer.schedule": "decay after warmup: cosine, linear or constant",
-    "optimizer.warmup_fraction": "warmup steps as a fraction of steps",
-    "optimizer.final_lr_fraction": "learning rate at the last step, as a fraction of lr",
-    "optimizer.weight_decay": "AdamW decoupled weight decay",
-    "optimizer.decay_norms": "apply weight decay to norm weights",
-    "optimizer.decay_embeddings": "apply weight decay to the embedding (and untied head)",
-    "optimizer.b1": "Adam beta1",
-    "optimizer.b2": "Adam beta2",
-    "optimizer.eps": "Adam epsilon",
-    "optimizer.clip_norm": "global gradient norm clip (0: off)",
-    "optimizer.mu_dtype": "dtype of Adam's first moment (\"\": the params' dtype)",
+    **train_config.HELP,
 }
 
 
@@ -120,65 +97,15 @@ def defaults() -> ml_collections.ConfigDict:
   c.export_hf = True
   c.peak_flops = 0.0
   c.accelerator = ""
-  c.model = train_model_config()
-  c.optimizer = optimizer_config()
+  c.model = train_config.train_model_config()
+  c.optimizer = train_config.optimizer_config()
   return c
-
-
-def train_model_config() -> ml_collections.ConfigDict:
-  """How a training stage runs the model (the architecture comes from the checkpoint)."""
-  return ml_collections.ConfigDict({"dtype": "float32", "param_dtype": "float32", "remat": "none",
-                                    "scan_layers": True, "attention_block": 0})
-
-
-def optimizer_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      "lr": 1e-5, "schedule": "cosine", "warmup_fraction": 0.03, "final_lr_fraction": 0.1, "weight_decay": 0.0,
-      "decay_norms": False, "decay_embeddings": False, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "clip_norm": 1.0,
-      "mu_dtype": ""})
-
-
-def check_train(config: ml_collections.ConfigDict, rows: int | None = None,
-                rows_from: tuple[str, str] | None = None) -> None:
-  """The model/optimizer/batch keys a training stage shares (sft, rl). rows: the rows of one optimizer update, which
-  grad_accum must divide, and rows_from: the config keys and values they come from, e.g. ("batch_prompts x
-  group_size", "4 x 2") (default: config.batch_size)."""
-  from astro_jax.model.config import DTYPES, REMAT_POLICIES
-  from astro_jax.train.optim import SCHEDULES
-  m, o, r = config.model, config.optimizer, common.require
-  r(m.param_dtype in DTYPES, "model.param_dtype", m.param_dtype, f"must be one of {DTYPES}")
-  r(m.remat in REMAT_POLICIES, "model.remat", m.remat, f"must be one of {REMAT_POLICIES}")
-  r(m.attention_block >= 0, "model.attention_block", m.attention_block, "must be >= 0 (0: off)")
-  r(o.lr > 0 and math.isfinite(o.lr), "optimizer.lr", o.lr, "must be a positive number")
-  r(o.schedule in SCHEDULES, "optimizer.schedule", o.schedule, f"must be one of {SCHEDULES}")
-  for key in ("warmup_fraction", "final_lr_fraction"):
-    r(0 <= o[key] <= 1, f"optimizer.{key}", o[key], "must be in [0, 1]")
-  r(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0")
-  r(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optimizer.b1/b2", (o.b1, o.b2), "must be in [0, 1)")
-  r(o.eps > 0, "optimizer.eps", o.eps, "must be > 0")
-  r(o.clip_norm >= 0, "optimizer.clip_norm", o.clip_norm, "must be >= 0 (0: off)")
-  r(o.mu_dtype in ("",) + DTYPES, "optimizer.mu_dtype", o.mu_dtype, f"must be \"\" or one of {DTYPES}")
-  r(config.steps >= 0, "steps", config.steps, "must be >= 0 (0: one epoch)")
-  if rows is None:
-    rows = config.batch_size
-    r(rows >= 1, "batch_size", rows, "must be >= 1")
-  keys, values = rows_from or ("batch_size", "")
-  r(config.grad_accum >= 1 and rows % config.grad_accum == 0, "grad_accum", config.grad_accum,
-    f"must be >= 1 and divide {keys} ({values + ' = ' if values else ''}{rows})")
-  r(config.save_every >= 1, "save_every", config.save_every, "must be >= 1")
-  r(config.keep >= 1, "keep", config.keep, "must be >= 1")
-  r(config.peak_flops >= 0, "peak_flops", config.peak_flops, "must be >= 0 (0: from the device kind)")
-  r(bool(config.output_dir), "output_dir", config.output_dir, "a run directory is required")
-  from astro_jax.train.metrics import ACCELERATOR_MEMORY_GIB
-  r(config.accelerator in ("",) + tuple(ACCELERATOR_MEMORY_GIB), "accelerator", config.accelerator,
-    f"must be \"\" or one of {tuple(ACCELERATOR_MEMORY_GIB)}")
-  r(not (config.resume and config.overwrite), "resume", config.resume, "resume and overwrite exclude each other")
 
 
 def check(config: ml_collections.ConfigDict) -> None:
   from astro_jax.train import data as train_data
   common.check_base(config)
-  check_train(config)
+  train_config.check_train(config)
   r = common.require
   r(bool(config.checkpoint), "checkpoint", config.checkpoint, "a start checkpoint is required")
   r(bool(config.data), "data", config.data, "a JSONL of examples is required")
@@ -222,25 +149,6 @@ def read_data(config: ml_collections.ConfigDict, tokenizer, max_positions: int):
   return examples, held, counts
 
 
-def prepare_run_dir(config: ml_collections.ConfigDict, settings: dict) -> tuple[Path, "common.SettingsRecord",
-                                                                              Callable[[], None] | None]:
-  """Claim the run directory (lock) and refuse one that holds another run unless resuming it (same settings, or a
-  changed learning rate / schedule) or overwriting. Returns (directory, settings record, `done`): when overwriting,
-  the old run is set aside until `done()` (the new run's first checkpoint) and put back if the run ends before."""
-  out = common.claim_output(config)
-  record = common.SettingsRecord(out / "run_config.json", settings)
-  held = [p for p in (out / "run_config.json", out / "metrics.jsonl", out / "checkpoints") if p.exists()]
-  if held and not config.overwrite:
-    if not config.resume:
-      raise UserError(f"output_dir {out} holds a run; pass --config.resume=true to continue it or "
-                      f"--config.overwrite=true to replace it")
-    record.check(held, "output_dir", changeable=RESUME_CHANGEABLE)
-  done = None
-  if config.overwrite and out.is_dir() and common.is_writer_of(config):
-    done = common.replace_at_first_result(out, RUN_ENTRIES)
-  return out, record, done
-
-
 @common.stage_run
 def run(config: ml_collections.ConfigDict) -> None:
   from tqdm import tqdm
@@ -254,7 +162,7 @@ def run(config: ml_collections.ConfigDict) -> None:
   ckpt, model_cfg = common.inspect_checkpoint(config)
   tokenizer = common.load_tokenizer(config, ckpt, model_cfg)
   examples, held, counts = read_data(config, tokenizer, model_cfg.max_position_embeddings)
-  out, record, replaced = prepare_run_dir(config, common.to_settings(config, _RUN_KEYS, _INPUT_KEYS))
+  out, record, replaced = common.prepare_run_dir(config, common.to_settings(config, _RUN_KEYS, _INPUT_KEYS))
 
   sharder = common.setup_mesh(config, "train")
   rows = train_data.pack(examples, config.seq_len, config.seed)

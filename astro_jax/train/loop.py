@@ -161,6 +161,11 @@ class Trainer:
   def local_rows(self) -> slice:
     return local_rows(self.batch_sharding, (self.batch_size, self.seq_len))
 
+  @property
+  def params(self) -> dict:
+    """The current weights (on the mesh, train sharding)."""
+    return self.state["params"]
+
   # -- state
   def abstract_state(self) -> Any:
     shapes = jax.eval_shape(lambda p: {"params": p, "opt_state": self.tx.init(p), "step": jnp.zeros((), jnp.int32)},
@@ -207,6 +212,18 @@ class Trainer:
   def put_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's rows of a step's batch -> the global batch on the mesh."""
     return {k: to_global(self.sharder.named(axes), local[k], self.batch_size) for k, axes in self.batch_axes.items()}
+
+  def train_on(self, rows: dict[str, np.ndarray], prepare: Callable[[dict], dict] | None = None
+               ) -> dict[str, float]:
+    """One optimizer step on a global batch given as host rows ([batch_size, ...] each, the same on every process:
+    this process puts its own rows on the mesh). `prepare` may complete the placed batch on device (e.g. a
+    reference model's log-probs); the step's metrics come back fetched (the host waits for the step)."""
+    span = self.local_rows
+    batch = self.put_batch({k: v[span] for k, v in rows.items()})
+    if prepare is not None:
+      batch = prepare(batch)
+    self.state, device_metrics = self.step_fn(self.state, batch)
+    return {k: float(v) for k, v in jax.device_get(device_metrics).items()}
 
   def eval_batches(self, rows: list[dict[str, np.ndarray]]) -> list[dict[str, jax.Array]]:
     """Held-out packed rows in full batches (the last one padded with empty rows, weight 0)."""
