@@ -79,6 +79,11 @@ def _micro_batches(batch: dict, accum: int, sharder: Sharder | None) -> dict:
   return jax.tree.map(split, batch)
 
 
+def _combine_extra(acc: dict, new: dict) -> dict:
+  """A loss's extra sums add up over micro-batches; an extra named *_max (of values >= 0) keeps the largest."""
+  return {k: (jnp.maximum if k.endswith("_max") else jnp.add)(a, new[k].astype(a.dtype)) for k, a in acc.items()}
+
+
 def train_step(loss_fn: LossFn, tx: optax.GradientTransformation, accum: int, sharder: Sharder | None,
                state: TrainState, batch: dict) -> tuple[TrainState, dict]:
   """Gradients of sum(loss) / sum(weights) over `accum` micro-batches, one optimizer update, metrics."""
@@ -88,7 +93,7 @@ def train_step(loss_fn: LossFn, tx: optax.GradientTransformation, accum: int, sh
     grads, loss_sum, weight_sum, extra = carry
     (l, (w, e)), g = grad_fn(params, mb)
     add = lambda a, b: a + b.astype(a.dtype)
-    return (jax.tree.map(add, grads, g), loss_sum + l, weight_sum + w, jax.tree.map(add, extra, e)), None
+    return (jax.tree.map(add, grads, g), loss_sum + l, weight_sum + w, _combine_extra(extra, e)), None
 
   def loss_with_weight(p, mb):
     l, w, e = loss_fn(p, mb)
