@@ -1,9 +1,12 @@
 """Shared fixtures. Every test runs offline on CPU; the real assets come from pip packages (tools/install_assets.sh)."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -15,6 +18,40 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _compile_cache() -> str:
+  """One JAX persistent compilation cache for the whole test run: this process's programs and those of every stage
+  run in a subprocess (the JAX_* variables below, and `CACHE_FLAG` for configs that name a cache of their own) land
+  in it, so a program compiled once (a stage's step, the sampler's prefill/decode) loads in the later tests and
+  processes that build it again. A fresh directory per run (removed at exit) unless ASTRO_JAX_TEST_COMPILE_CACHE
+  names one to keep."""
+  path = os.environ.get("ASTRO_JAX_TEST_COMPILE_CACHE")
+  if path:
+    os.makedirs(path, exist_ok=True)
+    return os.path.abspath(path)
+  path = tempfile.mkdtemp(prefix="astro_jax_test_compile_cache_")
+  atexit.register(shutil.rmtree, path, ignore_errors=True)
+  os.environ["ASTRO_JAX_TEST_COMPILE_CACHE"] = path  # a subprocess importing this module joins it (and keeps it)
+  return path
+
+
+COMPILE_CACHE = _compile_cache()
+CACHE_FLAG = f"--config.compile_cache_dir={COMPILE_CACHE}"  # for a stage run on the command line
+os.environ.update(JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def _pin_compile_cache() -> None:
+  """Make COMPILE_CACHE this process's cache now: JAX opens its cache at the first compile and keeps it, so stage
+  runs in this process (whatever their `compile_cache_dir`) share it too."""
+  import jax
+  from astro_jax import sharding
+  sharding.enable_compilation_cache(COMPILE_CACHE)
+  jax.jit(lambda x: x + 1)(0).block_until_ready()
+
+
+_pin_compile_cache()
 
 PROMPTS = [
     "What is 17 times 23? Let's think step by step.",

@@ -16,11 +16,11 @@ import pytest
 from astro_jax import data, files, main, stages, verifier
 from astro_jax.errors import ConfigError, UserError
 from astro_jax.stages import common
-from tests.conftest import REPO, stage_config
+from tests.conftest import CACHE_FLAG, REPO, stage_config
 
 
 def run_main(*args: str, umask: int | None = None) -> subprocess.CompletedProcess:
-  command = [sys.executable, "-m", "astro_jax.main", *args]
+  command = [sys.executable, "-m", "astro_jax.main", *args, CACHE_FLAG]  # the test run's compile cache
   if umask is not None:
     command = ["sh", "-c", f'umask {umask:03o} && exec "$@"', "sh", *command]
   return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
@@ -264,7 +264,8 @@ def test_two_processes_generate_and_evaluate_what_one_process_does(tmp_path, tin
   8 devices on the same mesh writes; only process 0 writes."""
   import socket
   common_args = [f"--config.checkpoint={tiny_checkpoint}", "--config.mesh.data=-1", "--config.mesh.fsdp=1",
-                 "--config.batch_size=8", "--config.sampling.max_new_tokens=6", "--config.sampling.temperature=1.0"]
+                 "--config.batch_size=8", "--config.sampling.max_new_tokens=6", "--config.sampling.temperature=1.0",
+                 CACHE_FLAG]
   jobs = {"generate": ["--config=configs/generate.py", f"--config.input={prompts_file}", "--config.sampling.n=2"],
           "eval": ["--config=configs/eval.py", "--config.benchmarks=gsm8k", "--config.limit=3", "--config.samples=2"]}
 

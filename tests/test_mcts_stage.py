@@ -34,7 +34,7 @@ def stage_config(**values):
 
 
 def overrides(values: dict) -> list[str]:
-  return [f"--config.{k}={v}" for k, v in values.items()]
+  return [f"--config.{k}={v}" for k, v in values.items()] + [conftest.CACHE_FLAG]  # the test run's compile cache
 
 
 @pytest.fixture(scope="module")

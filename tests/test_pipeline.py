@@ -26,7 +26,7 @@ from astro_jax import data, main
 from astro_jax.errors import ConfigError, UserError
 from astro_jax.stages import common
 from astro_jax.stages import pipeline
-from tests.conftest import REPO, set_values
+from tests.conftest import COMPILE_CACHE, REPO, set_values
 from tests.test_sft_real import free_port
 from tests.test_sft_stage import finalized
 
@@ -43,7 +43,7 @@ def toy(tmp_path_factory) -> dict[str, Path]:
   root = tmp_path_factory.mktemp("toy")
   model_dir, _ = make_toy_task.make(root)
   return {"checkpoint": model_dir, "problems": root / "train.jsonl", "test": root / "test.jsonl",
-          "cache": root / "jax_cache"}
+          "cache": COMPILE_CACHE}  # the test run's cache: the killed CLI runs load what the in-process run compiled
 
 
 def pipeline_config(toy, out: Path, **values):

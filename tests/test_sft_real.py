@@ -112,8 +112,8 @@ def mean(sums: list[tuple[float, int]]) -> float:
 
 
 def test_sft_of_smollm2_exports_a_model_transformers_scores_lower(tmp_path, smollm2_dir):
-  """Five full fine-tuning steps of SmolLM2-135M on its four shortest real traces (two packed rows of 512
-  tokens: every step sees all four). The HF export, scored by transformers one trace at a time, has a clearly
+  """Two full fine-tuning steps of SmolLM2-135M on its four shortest real traces (two packed rows of 512
+  tokens: every step sees all four; two steps already take the loss from ~2.07 to ~1.4). The HF export, scored by transformers one trace at a time, has a clearly
   lower loss than the base model and equals our loss of the last checkpoint's params; the first step's packed
   training loss equals transformers' unpacked loss of the base model."""
   from astro_jax import stages
@@ -129,11 +129,11 @@ def test_sft_of_smollm2_exports_a_model_transformers_scores_lower(tmp_path, smol
 
   out = tmp_path / "run"
   config = stage_config("sft", checkpoint=str(smollm2_dir), data=str(subset), output_dir=str(out), seq_len=512,
-                        batch_size=2, steps=5, save_every=5, keep=1, async_checkpoint=False, compile_cache_dir="",
+                        batch_size=2, steps=2, save_every=2, keep=1, async_checkpoint=False, compile_cache_dir="",
                         **{"optimizer.lr": 3e-5, "optimizer.schedule": "constant", "optimizer.warmup_fraction": 0.0})
   stages.get("sft").run(config)
   rows = metric_rows(out)
-  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+  assert [r["step"] for r in rows] == [1, 2]
   assert all(r["tokens"] == counts.target_tokens for r in rows)  # all four traces in every step
   assert rows[-1]["loss"] < rows[0]["loss"]
 

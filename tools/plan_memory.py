@@ -21,8 +21,9 @@ bytes each device needs:
   total        the sum: the live peak as XLA:CPU plans it (the state is donated: outputs reuse its buffers)
 
 Stage rl: one optimizer update is rows_per_update = batch_prompts x group_size / minibatches rows of seq_len =
-max_prompt_tokens + sampling.max_new_tokens tokens (the RL batch inputs: rollouts.RL_BATCH_AXES, REF_BATCH_AXES
-with loss.beta > 0). On the same mesh the sampler keeps its own weight copy and, while it samples, a KV cache:
+max_prompt_tokens + sampling.max_new_tokens tokens, or with train_tokens > 0 packed_rows x grad_accum rows of
+train_tokens (a step that spills runs more micro-batches of the same size: the peak is the same) (the RL batch
+inputs: rollouts.rl_batch_axes). On the same mesh the sampler keeps its own weight copy and, while it samples, a KV cache:
 
   sampler_weights          its copy in sampler.dtype, per layer, q/k/v fused, with the "sample" rules (split over
                            tensor only): the outputs of its weight-sync program, lowered from the trainer's params
@@ -328,13 +329,16 @@ def plan(config, spec: str, devices: int, preset_name: str) -> dict:
   rl = config.stage == "rl"
   if rl:
     from astro_jax.stages import rl as rl_stage
-    rows, length = rl_stage.rows_per_update(config), rl_stage.seq_len(config)
-    rows_key, length_key = "batch_prompts x group_size / minibatches", "max_prompt_tokens + sampling.max_new_tokens"
+    from astro_jax.rl.learner import LearnerConfig
+    lc = LearnerConfig.from_config(config)  # packed (train_tokens > 0): packed_rows x grad_accum rows of train_tokens
+    rows, length, context = lc.update_rows, lc.update_seq_len, rl_stage.seq_len(config)
+    rows_key = "packed_rows x grad_accum" if lc.packed else "batch_prompts x group_size / minibatches"
+    length_key = "max_prompt_tokens + sampling.max_new_tokens"
   else:
     rows, length = config.batch_size, config.seq_len
-    rows_key, length_key = "batch_size", "seq_len"
-  if length > model_cfg.max_position_embeddings:
-    raise ConfigError(f"config key '{length_key}' = {length}: longer than the model's context of "
+    rows_key, length_key, context = "batch_size", "seq_len", config.seq_len
+  if context > model_cfg.max_position_embeddings:
+    raise ConfigError(f"config key '{length_key}' = {context}: longer than the model's context of "
                       f"{model_cfg.max_position_embeddings} positions")
   try:
     mesh = make_mesh(mesh_axes["data"], mesh_axes["fsdp"], mesh_axes["tensor"])
@@ -414,7 +418,8 @@ def plan(config, spec: str, devices: int, preset_name: str) -> dict:
                     "max_new_tokens": config.sampling.max_new_tokens,
                     "eval_max_new_tokens": (config.eval.max_new_tokens or config.sampling.max_new_tokens)
                     if config.eval.every else 0, "loss_beta": config.loss.beta,
-                    "tokens_per_rl_step": config.batch_prompts * config.group_size * length}
+                    "tokens_per_rl_step": config.batch_prompts * config.group_size * context,
+                    "train_tokens": config.train_tokens}
     result["fits"] = None if cap is None else b["total_rl"] <= cap
     result["headroom_bytes"] = None if cap is None else cap - b["total_rl"]
     result["fits_upper"] = None if cap is None else b["total_rl_upper"] <= cap

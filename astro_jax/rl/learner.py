@@ -14,8 +14,10 @@ timed sampler lets benchmarks/rl_step.py split the sampling time without patchin
   (`rollouts.rewards`; the shuffled-reward control permutes them per round), dynamic sampling (groups without a
   signal are dropped and more prompts sampled, up to `max_sampling_rounds`), then the training rows with their
   group-relative advantages (`batch_rows`: always batch_prompts x G rows, the unfilled ones weigh 0).
-- `update(batch) -> sums`: `minibatches` optimizer steps through `Trainer.train_on`, on disjoint parts of the rows
-  assigned by (seed, step); with a `Reference` its log-probs are computed on device for the KL term.
+- `update(batch) -> sums`: `minibatches` optimizer steps (`Trainer.put_rows`, `Trainer.step_on`) on disjoint parts
+  of the responses assigned by (seed, step), as padded rows or packed into rows of `train_tokens` (a step that
+  needs more rows spills into another micro-batch); with a `Reference` its log-probs are computed on device for the
+  KL term, with TIS and several minibatches a `Proximal` takes the step-start log-probs before the first update.
 - `evaluate(step)`: the held-out benchmarks scored with the sampler's weights (eval's summary per benchmark).
 - `step(step) -> row`: the metrics row of stages/rl.py's docstring.
 
@@ -42,6 +44,10 @@ from astro_jax.train import checkpoints as checkpoints_lib
 from astro_jax.train import loop, losses, policy_loss, rollouts
 
 UPDATE_SUMS = ("loss", "grad_norm", "tokens", "clipped", "entropy", "kl")  # summed over a step's updates
+TIS_SUMS = ("tis_weight", "tis_capped")  # summed over the updates (0 without TIS)
+FIRST_SUMS_OF = ("logprob_gap", "tokens", "mismatch_abs", "mismatch_max", "mismatch_k3", "mismatch_out")
+FIRST_SUMS = tuple(f"{k}_first" for k in FIRST_SUMS_OF)  # the first update's: its weights sampled the batch
+LAYOUT_SUMS = ("spilled_micro_batches", "packed_fill")
 
 
 class SamplerLike(Protocol):
@@ -65,6 +71,11 @@ class LearnerConfig:
   dynamic_sampling: bool = True
   max_sampling_rounds: int = 3
   prompts_per_call: int = 16    # prompts (G rows each) per sampler call
+  grad_accum: int = 1           # micro-batches per update
+  train_tokens: int = 0         # packed rows of this many tokens (0: one response a row of seq_len, padded)
+  packed_rows: int = 0          # packed rows per micro-batch (with train_tokens)
+  targets_per_row: int = 0      # response tokens a row at most: the head runs only there (0: at every position)
+  tis: bool = False             # the loss weights tokens by truncated importance sampling (loss.tis_cap > 0)
   scale_std: bool = True
   correct_reward: float = 1.0
   wrong_reward: float = -1.0
@@ -77,20 +88,44 @@ class LearnerConfig:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, pad_id: int = 0) -> "LearnerConfig":
-    R = config.reward
-    return cls(batch_prompts=config.batch_prompts, group_size=config.group_size,
-               seq_len=config.max_prompt_tokens + config.sampling.max_new_tokens, steps=config.steps,
-               seed=config.seed, minibatches=config.minibatches, dynamic_sampling=config.dynamic_sampling,
-               max_sampling_rounds=config.max_sampling_rounds,
-               prompts_per_call=max(1, config.sampler.max_batch // config.group_size),
+    R, max_new = config.reward, config.sampling.max_new_tokens
+    seq_len = config.max_prompt_tokens + max_new
+    rows_per_micro = config.batch_prompts * config.group_size // config.minibatches // config.grad_accum
+    return cls(batch_prompts=config.batch_prompts, group_size=config.group_size, seq_len=seq_len,
+               steps=config.steps, seed=config.seed, minibatches=config.minibatches,
+               dynamic_sampling=config.dynamic_sampling, max_sampling_rounds=config.max_sampling_rounds,
+               prompts_per_call=max(1, config.sampler.max_batch // config.group_size), grad_accum=config.grad_accum,
+               train_tokens=config.train_tokens,
+               packed_rows=rollouts.packed_rows(config.packed_rows, rows_per_micro, config.max_prompt_tokens, max_new,
+                                                config.train_tokens) if config.train_tokens else 0,
+               targets_per_row=rollouts.targets_per_row(max_new, seq_len, config.train_tokens),
+               tis=config.loss.tis_cap > 0,
                scale_std=config.loss.scale_std, correct_reward=R.correct, wrong_reward=R.wrong, overlong=R.overlong,
                overlong_buffer=R.overlong_buffer, overlong_penalty=R.overlong_penalty, shuffle_rewards=R.shuffle,
                eval_every=config.eval.every, pad_id=pad_id)
 
   @property
   def rows(self) -> int:
-    """Training rows per step: batch_prompts x group_size."""
+    """Responses (padded training rows) per step: batch_prompts x group_size."""
     return self.batch_prompts * self.group_size
+
+  @property
+  def packed(self) -> bool:
+    return self.train_tokens > 0
+
+  @property
+  def update_rows(self) -> int:
+    """Training rows of one optimizer update (packed: unless it spills)."""
+    return self.packed_rows * self.grad_accum if self.packed else self.rows // self.minibatches
+
+  @property
+  def update_seq_len(self) -> int:
+    return self.train_tokens if self.packed else self.seq_len
+
+  def batch_axes(self, reference: bool = False) -> dict[str, tuple[str, ...]]:
+    """The logical axes of the update's inputs: packed or padded rows, the reference's log-probs (KL term), the
+    step-start log-probs of TIS when later minibatches need them."""
+    return rollouts.rl_batch_axes(packed=self.packed, ref=reference, prox=self.tis and self.minibatches > 1)
 
 
 @dataclasses.dataclass
@@ -104,14 +139,29 @@ class Group:
 
 
 @dataclasses.dataclass
+class Responses:
+  """A step's responses, one entry per padded training row (rows past the kept groups: empty, out of the loss)."""
+  prompts: list[Sequence[int]]
+  tokens: list[Sequence[int]]
+  logprobs: list[Sequence[float]]
+  advantages: np.ndarray  # [N] float32
+  in_loss: np.ndarray     # [N] bool: False for filler rows and, under reward.overlong = mask, truncated responses
+
+  def take(self, part: Sequence[int]) -> tuple[list, list, list, np.ndarray, np.ndarray]:
+    return ([self.prompts[i] for i in part], [self.tokens[i] for i in part], [self.logprobs[i] for i in part],
+            self.advantages[part], self.in_loss[part])
+
+
+@dataclasses.dataclass
 class Batch:
   """What `collect` gathered for one step."""
   step: int
   kept: list[Group]                    # the groups trained on (<= batch_prompts)
   sampled: list[Group]                 # every group sampled in the step, all rounds (the metrics')
   rounds: int
-  rows: dict[str, np.ndarray] | None   # the training rows (batch_rows); None when no group was kept
+  rows: dict[str, np.ndarray] | None   # the padded training rows (batch_rows); None when no group was kept
   times: dict[str, float]              # time_sampling, time_scoring
+  responses: Responses | None = None   # the same responses as lists (what packed updates pack)
 
 
 def has_signal(group: Group, shuffled: bool = False) -> bool:
@@ -124,26 +174,36 @@ def has_signal(group: Group, shuffled: bool = False) -> bool:
   return rollouts.has_signal(group.rewards if shuffled else group.correct)
 
 
-def batch_rows(groups: list[Group], prompt_ids: Mapping[str, Sequence[int]], n_rows: int, seq_len: int, *,
-               scale_std: bool = True, mask_truncated: bool = False, pad_id: int = 0) -> dict[str, np.ndarray]:
-  """The step's training rows: each group's responses with their group-relative advantages; truncated responses
-  out of the loss when `mask_truncated`; rows past the groups (a batch dynamic sampling could not fill) weigh 0."""
-  prompts_, responses, lps, advs, truncated = [], [], [], [], []
+def responses_of(groups: list[Group], prompt_ids: Mapping[str, Sequence[int]], n_rows: int, *,
+                 scale_std: bool = True, mask_truncated: bool = False, pad_id: int = 0) -> Responses:
+  """The step's responses with their group-relative advantages, `n_rows` entries (the filler past the groups, a
+  batch dynamic sampling could not fill, is out of the loss); truncated responses out of the loss when
+  `mask_truncated`."""
+  out = Responses([], [], [], np.zeros(n_rows, np.float32), np.zeros(n_rows, bool))
   for g in groups:
     adv_G = np.asarray(policy_loss.group_advantages(np.asarray(g.rewards)[None], scale_std))[0]
     for c, a in zip(g.completions, adv_G):
-      prompts_.append(prompt_ids[g.problem.id])
-      responses.append(c.token_ids)
-      lps.append(c.logprobs)
-      advs.append(float(a))
-      truncated.append(c.finish_reason == "length")
-  pad = n_rows - len(responses)
-  if pad < 0:
-    raise ValueError(f"{len(responses)} responses for {n_rows} rows")
-  rows = rollouts.response_rows(prompts_ + [[pad_id]] * pad, responses + [[]] * pad, lps + [[]] * pad,
-                                advs + [0.0] * pad, seq_len=seq_len)
-  if mask_truncated:
-    rows["weights"][np.asarray(truncated + [False] * pad)] = 0.0
+      i = len(out.tokens)
+      if i == n_rows:
+        raise ValueError(f"more responses than {n_rows} rows")
+      out.prompts.append(prompt_ids[g.problem.id])
+      out.tokens.append(c.token_ids)
+      out.logprobs.append(c.logprobs)
+      out.advantages[i] = a
+      out.in_loss[i] = not (mask_truncated and c.finish_reason == "length")
+  pad = n_rows - len(out.tokens)
+  out.prompts += [[pad_id]] * pad
+  out.tokens += [[]] * pad
+  out.logprobs += [[]] * pad
+  return out
+
+
+def batch_rows(groups: list[Group], prompt_ids: Mapping[str, Sequence[int]], n_rows: int, seq_len: int, *,
+               scale_std: bool = True, mask_truncated: bool = False, pad_id: int = 0) -> dict[str, np.ndarray]:
+  """The step's padded training rows (`responses_of`, one a row of seq_len): responses out of the loss weigh 0."""
+  r = responses_of(groups, prompt_ids, n_rows, scale_std=scale_std, mask_truncated=mask_truncated, pad_id=pad_id)
+  rows = rollouts.response_rows(r.prompts, r.tokens, r.logprobs, r.advantages, seq_len=seq_len)
+  rows["weights"][~r.in_loss] = 0.0
   return rows
 
 
@@ -160,6 +220,18 @@ def sample_metrics(groups: list[Group], writer: bool, shuffled: bool = False) ->
           "response_length_mean": float(lengths.mean()), "response_length_max": int(lengths.max()),
           "backtracks_per_response": float(np.mean([prompts.count_backtracks(t) for t in texts])) if texts else 0.0,
           "reflections_per_response": float(np.mean([prompts.count_reflections(t) for t in texts])) if texts else 0.0}
+
+
+def mismatch_metrics(sums: dict[str, float]) -> dict[str, float]:
+  """The rollout/trainer mismatch of a step, per response token of its first update (whose weights sampled the
+  batch: the gap is the sampler's numerics, not training): logprob_gap = mismatch_logprob_mean, mean |log p_sampler
+  - log p_trainer|; mismatch_logprob_max; mismatch_kl_k3, the k3 estimate of KL(sampler || trainer);
+  mismatch_ratio_out_fraction, tokens whose ratio p_trainer / p_sampler leaves [1/2, 2]."""
+  n = max(sums["tokens_first"], 1.0)
+  mean = sums["logprob_gap_first"] / n
+  return {"logprob_gap": mean, "mismatch_logprob_mean": sums["mismatch_abs_first"] / n,
+          "mismatch_logprob_max": sums["mismatch_max_first"], "mismatch_kl_k3": sums["mismatch_k3_first"] / n,
+          "mismatch_ratio_out_fraction": sums["mismatch_out_first"] / n}
 
 
 class CompileCounter:
@@ -183,18 +255,29 @@ class CompileCounter:
 
 
 class Reference:
-  """The frozen start model of the KL term: its log-probs of a batch on the mesh (`Trainer.train_on`'s `prepare`),
-  in the trainer's compute dtype and param sharding."""
+  """The frozen start model of the KL term: its log-probs of a placed batch, as batch["ref_logprobs"] (a
+  `Trainer.train_on` `prepare`), in the trainer's compute dtype and param sharding."""
+  key = "ref_logprobs"
 
-  def __init__(self, trainer: loop.Trainer, weights: dict, *, chunk: int, temperature: float):
-    self.params = trainer.placed(weights, trainer.run.jnp_dtype)
+  def __init__(self, trainer: loop.Trainer, weights: dict | None, *, chunk: int, temperature: float):
+    self.trainer = trainer
+    self.params = None if weights is None else trainer.placed(weights, trainer.run.jnp_dtype)
     cfg, run, sharder = trainer.cfg, trainer.run, trainer.sharder
     self._logprobs = jax.jit(lambda p, b: losses.sequence_logprobs(cfg, run, sharder, p, b, chunk=chunk,
                                                                    temperature=temperature)[0])
 
   def __call__(self, batch: dict) -> dict:
-    batch["ref_logprobs"] = self._logprobs(self.params, batch)
+    batch[self.key] = self._logprobs(self.trainer.params if self.params is None else self.params, batch)
     return batch
+
+
+class Proximal(Reference):
+  """TIS's proximal policy: the trainer's log-probs at its weights when called (`update` calls it on every
+  minibatch before the first optimizer update: the weights that sampled the batch), as batch["prox_logprobs"]."""
+  key = "prox_logprobs"
+
+  def __init__(self, trainer: loop.Trainer, *, chunk: int, temperature: float):
+    super().__init__(trainer, None, chunk=chunk, temperature=temperature)
 
 
 class RLLearner:
@@ -206,13 +289,14 @@ class RLLearner:
   def __init__(self, config: LearnerConfig, sampler: SamplerLike, trainer: loop.Trainer, pool,
                stream: rollouts.PromptStream, problems: Mapping[str, Any], prompt_ids: Mapping[str, Sequence[int]],
                params: SamplingParams, ckpts: checkpoints_lib.Checkpoints, *, reference: Reference | None = None,
-               evals: Mapping[str, Sequence[Item]] | None = None, eval_params: SamplingParams | None = None,
+               proximal: Proximal | None = None, evals: Mapping[str, Sequence[Item]] | None = None, eval_params: SamplingParams | None = None,
                eval_dir: Path | None = None, writer: bool | None = None):
     if params.n != config.group_size:
       raise ValueError(f"sampling params give {params.n} samples a prompt, group_size is {config.group_size}")
     self.config, self.sampler, self.trainer, self.pool, self.stream = config, sampler, trainer, pool, stream
     self.problems, self.prompt_ids, self.params, self.ckpts = problems, prompt_ids, params, ckpts
-    self.reference, self.evals, self.eval_params, self.eval_dir = reference, dict(evals or {}), eval_params, eval_dir
+    self.reference, self.proximal = reference, proximal
+    self.evals, self.eval_params, self.eval_dir = dict(evals or {}), eval_params, eval_dir
     self.writer = jax.process_index() == 0 if writer is None else writer
     self.empty_steps = 0  # steps in a row that kept no group
     self.compiles = CompileCounter()
@@ -238,32 +322,59 @@ class RLLearner:
       if len(kept) >= c.batch_prompts:
         break
     kept = kept[:c.batch_prompts]
-    rows = batch_rows(kept, self.prompt_ids, c.rows, c.seq_len, scale_std=c.scale_std,
-                      mask_truncated=c.overlong == "mask", pad_id=c.pad_id) if kept else None
-    return Batch(step, kept, sampled, round_ + 1, rows, times)
+    if not kept:
+      return Batch(step, kept, sampled, round_ + 1, None, times)
+    r = responses_of(kept, self.prompt_ids, c.rows, scale_std=c.scale_std, mask_truncated=c.overlong == "mask",
+                     pad_id=c.pad_id)
+    rows = rollouts.response_rows(r.prompts, r.tokens, r.logprobs, r.advantages, seq_len=c.seq_len)
+    rows["weights"][~r.in_loss] = 0.0
+    return Batch(step, kept, sampled, round_ + 1, rows, times, r)
 
   def update(self, batch: Batch) -> dict[str, float]:
-    """`minibatches` optimizer updates on disjoint parts of the batch's rows; the sums of their metrics (UPDATE_SUMS,
-    and the first update's logprob_gap and tokens as gap_first, tokens_first)."""
+    """`minibatches` optimizer updates on disjoint parts of the batch's responses (padded rows, or packed into rows
+    of train_tokens); the sums of their metrics (UPDATE_SUMS; the first update's, whose weights sampled the batch:
+    logprob_gap, the rollout/trainer mismatch sums and tokens as *_first; TIS's weight sums; spilled micro-batches
+    and packed fill)."""
     if batch.rows is None:  # no group had signal in any round: no update (Adam would still move the weights)
-      return dict.fromkeys(UPDATE_SUMS + ("gap_first", "tokens_first"), 0.0)
+      return dict.fromkeys(UPDATE_SUMS + TIS_SUMS + FIRST_SUMS + LAYOUT_SUMS, 0.0)
     c = self.config
     per = c.rows // c.minibatches
     order = np.random.default_rng([c.seed, batch.step, 1]).permutation(c.rows)
-    sums = dict.fromkeys(UPDATE_SUMS, 0.0)
+    sums = dict.fromkeys(UPDATE_SUMS + TIS_SUMS + LAYOUT_SUMS, 0.0)
+    placed = []  # every minibatch on the mesh first: TIS's step-start log-probs need the weights before update 1
     for m in range(c.minibatches):
-      part = order[m * per:(m + 1) * per]
-      rows = {k: batch.rows[k][part] for k in rollouts.RL_BATCH_AXES}
-      if self.reference is not None:  # a placeholder, computed on device by the reference
-        rows["ref_logprobs"] = np.zeros_like(rows["old_logprobs"])
-      got = self.trainer.train_on(rows, prepare=self.reference)
+      rows, info = self.training_rows(batch, order[m * per:(m + 1) * per])
+      sums["spilled_micro_batches"] += info["spilled"]
+      sums["packed_fill"] += info["fill"] / c.minibatches
+      placed.append(self.reference(self.trainer.put_rows(rows)) if self.reference else self.trainer.put_rows(rows))
+    if self.proximal is not None:
+      placed = [self.proximal(b) for b in placed]
+    for m, b in enumerate(placed):
+      got = self.trainer.step_on(b)
       loop.stop_if_not_finite(batch.step, got["loss"], got["grad_norm"], self.ckpts, got["params_finite"] > 0,
                               weights_of=batch.step - 1 if m == 0 else batch.step)  # step's own are never saved
+      if got.get("targets_dropped", 0.0):
+        raise RuntimeError(f"step {batch.step}: {got['targets_dropped']:.0f} response tokens fell outside the "
+                           f"head's {c.targets_per_row} positions a row")
       if m == 0:
-        sums["gap_first"], sums["tokens_first"] = got["logprob_gap"], got["tokens"]
-      for k in UPDATE_SUMS:
-        sums[k] += got[k]
+        sums |= {f"{k}_first": got[k] for k in FIRST_SUMS_OF}
+      for k in UPDATE_SUMS + TIS_SUMS:
+        sums[k] += got.get(k, 0.0)
     return sums
+
+  def training_rows(self, batch: Batch, part: Sequence[int]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The rows of one update on the responses `part` (indices into the batch's rows): the padded rows, or the
+    responses packed (`rollouts.packed_response_rows`: a step whose tokens need more rows than packed_rows x
+    grad_accum spills into more micro-batches); (rows, {spilled, fill})."""
+    c = self.config
+    if not c.packed:
+      rows = {k: v[part] for k, v in batch.rows.items()}
+      return rows, {"spilled": 0, "fill": float(rows["segment_ids"].astype(bool).mean())}
+    prompts_, tokens, logprobs, advantages, in_loss = batch.responses.take(part)
+    rows, info = rollouts.packed_response_rows(prompts_, tokens, logprobs, advantages, train_tokens=c.train_tokens,
+                                               rows_per_micro=c.packed_rows, micro_batches=c.grad_accum,
+                                               in_loss=in_loss, targets_per_row=c.targets_per_row or None)
+    return rows, info
 
   def evaluate(self, step: int) -> dict[str, float]:
     """Each held-out benchmark scored with the sampler's current weights: eval_<metric> (eval_<name>_<metric> with
@@ -303,8 +414,12 @@ class RLLearner:
            "entropy": sums["entropy"] / max(sums["tokens"], 1.0), "kl": sums["kl"] / max(sums["tokens"], 1.0),
            "clip_fraction": sums["clipped"] / max(sums["tokens"], 1.0),
            "grad_norm": sums["grad_norm"] / c.minibatches, "loss": sums["loss"] / c.minibatches,
-           "logprob_gap": sums["gap_first"] / max(sums["tokens_first"], 1.0),
-           "lr": float(self.trainer.schedule(step * c.minibatches - 1)), "tokens_trained": int(sums["tokens"])}
+           "lr": float(self.trainer.schedule(step * c.minibatches - 1)), "tokens_trained": int(sums["tokens"]),
+           **mismatch_metrics(sums), "spilled_micro_batches": int(sums["spilled_micro_batches"]),
+           "packed_fill": sums["packed_fill"]}
+    if c.tis:
+      row |= {"tis_weight_mean": sums["tis_weight"] / max(sums["tokens"], 1.0),
+              "tis_capped_fraction": sums["tis_capped"] / max(sums["tokens"], 1.0)}
     if c.eval_every and (step % c.eval_every == 0 or step == c.steps):
       self.sampler.update_weights(self.trainer.params)
       t_eval = time.perf_counter()

@@ -16,7 +16,10 @@ One step (ASTRO §3.2: reward +1 / -1 for a right / wrong final answer, G = 4 re
      group_size rows (fixed shapes; rows a short step could not fill weigh 0);
   4. `minibatches` optimizer updates on disjoint parts of the batch (each `grad_accum` micro-batches), the clipped
      ratio against the sampler's own log-probs (`loss.*`); with `loss.beta` > 0 a frozen reference (the start
-     checkpoint) adds a k3 KL term (beta = 0: no reference is held).
+     checkpoint) adds a k3 KL term (beta = 0: no reference is held); `loss.tis_cap` > 0: token-level truncated
+     importance sampling against the sampler/trainer mismatch. Rows: one response a row (padded), or with
+     `train_tokens` > 0 the responses packed into `packed_rows` rows of train_tokens a micro-batch (more rows
+     spill into another micro-batch); either way the head runs only at response positions.
 This module checks the config and wires the parts (`run`: config -> objects -> loop -> outputs); the step itself is
 `astro_jax.rl.learner.RLLearner` (`collect`, `update`, `evaluate`), responses are sampled and verified by
 `astro_jax.generation.generate_and_verify`.
@@ -37,6 +40,10 @@ Run directory (`output_dir`):
                        rounds), zero_signal_fraction (of the sampled groups), truncation_rate, response_length_mean,
                        response_length_max (tokens), backtracks_per_response, reflections_per_response, entropy,
                        kl, clip_fraction, logprob_gap (mean |sampler - trainer| log-prob per token, first update),
+                       mismatch_logprob_mean (= logprob_gap), mismatch_logprob_max, mismatch_kl_k3,
+                       mismatch_ratio_out_fraction (tokens whose ratio leaves [1/2, 2]; all of the first update),
+                       tis_weight_mean, tis_capped_fraction (with loss.tis_cap), spilled_micro_batches,
+                       packed_fill (real tokens / token slots of the update rows),
                        loss, grad_norm (means over the updates), lr, groups, sampling_rounds,
                        finished_row_fraction (of the decoded row-steps, those of rows that had already finished:
                        a batch decodes until its longest row stops), tokens_per_s (sampled tokens per second of
@@ -65,7 +72,7 @@ from astro_jax.train import config as train_config
 
 # What shapes the run's numbers: a resumed run must have the same.
 _RUN_KEYS = ("checkpoint", "tokenizer", "prompts", "seed", "steps", "batch_prompts", "group_size", "minibatches",
-             "grad_accum", "max_prompt_tokens", "loss_chunk", "dynamic_sampling", "max_sampling_rounds", "model",
+             "grad_accum", "max_prompt_tokens", "train_tokens", "packed_rows", "loss_chunk", "dynamic_sampling", "max_sampling_rounds", "model",
              "optimizer", "sampling", "loss", "reward", "prompt", "eval")
 _INPUT_KEYS = ("checkpoint", "tokenizer", "prompts", "eval.benchmarks")  # recorded as paths + content fingerprints
 
@@ -83,6 +90,10 @@ HELP = {
     "minibatches": "optimizer updates per step, each on batch_prompts x group_size / minibatches rows",
     "grad_accum": "micro-batches per update",
     "max_prompt_tokens": "longest prompt (tokens); rows are max_prompt_tokens + sampling.max_new_tokens long",
+    "train_tokens": "pack the update's (prompt + response) sequences into rows of N tokens (0: one response a row "
+                    "of max_prompt_tokens + sampling.max_new_tokens, padded); >= that sum",
+    "packed_rows": "with train_tokens: packed rows per micro-batch (0: room for its responses at half the budget); "
+                   "a step that needs more spills into another micro-batch (metric spilled_micro_batches)",
     "loss_chunk": "positions whose logits are computed at once in the loss",
     "dynamic_sampling": "drop groups whose responses are all right or all wrong and sample more prompts to refill "
                         "the batch",
@@ -109,6 +120,8 @@ HELP = {
     "loss.eps_high": "clip the ratio above at 1 + eps_high (DAPO's clip-higher: 0.28)",
     "loss.scale_std": "divide advantages by the group's std (GRPO; Dr. GRPO: false)",
     "loss.beta": "k3 KL coefficient to the frozen start model (0: no reference model is held)",
+    "loss.tis_cap": "token-level truncated importance sampling: weight each token by min(p_trainer / p_sampler, cap) "
+                    "(0: off; else >= 1)",
     "reward.correct": "reward of a correct final answer",
     "reward.wrong": "reward of a wrong or missing one",
     "reward.overlong": "truncated responses: none, mask (out of the loss), penalty (DAPO's soft overlong penalty)",
@@ -142,6 +155,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.minibatches = 1
   c.grad_accum = 1
   c.max_prompt_tokens = 512
+  c.train_tokens = 0
+  c.packed_rows = 0
   c.loss_chunk = 512
   c.dynamic_sampling = True
   c.max_sampling_rounds = 3
@@ -156,7 +171,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.sampler = ml_collections.ConfigDict({"dtype": "float32", "cache_dtype": "", "max_batch": 64})
   c.sampling = common.rl_sampling_config()
   c.loss = ml_collections.ConfigDict({"aggregation": "token-mean", "eps_low": 0.2, "eps_high": 0.28,
-                                      "scale_std": True, "beta": 0.0})
+                                      "scale_std": True, "beta": 0.0,
+                                      "tis_cap": 0.0})
   c.reward = ml_collections.ConfigDict({"correct": 1.0, "wrong": -1.0, "overlong": "none", "overlong_buffer": 0,
                                         "overlong_penalty": 1.0, "shuffle": False})
   c.prompt = common.prompt_config()
@@ -217,6 +233,12 @@ def check(config: ml_collections.ConfigDict) -> None:
   r(0 <= L.eps_low < 1, "loss.eps_low", L.eps_low, "must be in [0, 1)")
   r(L.eps_high >= 0, "loss.eps_high", L.eps_high, "must be >= 0")
   r(L.beta >= 0 and math.isfinite(L.beta), "loss.beta", L.beta, "must be >= 0 (0: no KL term)")
+  r(L.tis_cap == 0 or (L.tis_cap >= 1 and math.isfinite(L.tis_cap)), "loss.tis_cap", L.tis_cap,
+    "must be 0 (off) or a finite number >= 1")
+  r(config.train_tokens == 0 or config.train_tokens >= seq_len(config), "train_tokens", config.train_tokens,
+    f"must be 0 (padded rows) or >= max_prompt_tokens + sampling.max_new_tokens = {seq_len(config)} (a whole "
+    f"response fits a row)")
+  r(config.packed_rows >= 0, "packed_rows", config.packed_rows, "must be >= 0 (0: sized from the budget)")
   R = config.reward
   for key in ("correct", "wrong", "overlong_penalty"):
     r(math.isfinite(R[key]), f"reward.{key}", R[key], "must be a finite number")
@@ -238,20 +260,22 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 
 def make_trainer(config: ml_collections.ConfigDict, model_cfg, sharder):
-  """The trainer of this config: one optimizer update = rows_per_update rows of seq_len tokens, the RL loss."""
+  """The trainer of this config: one optimizer update = rows_per_update rows of seq_len tokens (packed:
+  packed_rows x grad_accum rows of train_tokens), the RL loss with the head at the response positions only."""
+  from astro_jax.rl.learner import LearnerConfig
   from astro_jax.train import loop, rollouts
-  L = config.loss
-  beta = L.beta
+  L, lc = config.loss, LearnerConfig.from_config(config)
   temperature, max_len = config.sampling.temperature, config.sampling.max_new_tokens
 
   def loss_fn(cfg, run, shard, params, batch):
     return rollouts.rl_loss(cfg, run, shard, params, batch, chunk=config.loss_chunk, temperature=temperature,
                             eps_low=L.eps_low, eps_high=L.eps_high, aggregation=L.aggregation, max_len=max_len,
-                            beta=beta)
-  axes = rollouts.REF_BATCH_AXES if beta else rollouts.RL_BATCH_AXES
+                            beta=L.beta, tis_cap=L.tis_cap or None, targets_per_row=lc.targets_per_row)
+  batch_from = (("packed_rows x grad_accum", f"{lc.packed_rows} x {config.grad_accum}") if lc.packed
+                else update_rows_from(config))
   return loop.Trainer.create(config, model_cfg, sharder, config.steps * config.minibatches, loss_fn,
-                             batch_size=rows_per_update(config), seq_len=seq_len(config), batch_axes=axes,
-                             batch_from=update_rows_from(config))
+                             batch_size=lc.update_rows, seq_len=lc.update_seq_len,
+                             batch_axes=lc.batch_axes(reference=L.beta > 0), batch_from=batch_from)
 
 
 RL_CURVES = (("reward_mean", "reward"), ("accuracy", "accuracy", "eval_pass@1"),
@@ -269,7 +293,7 @@ def run(config: ml_collections.ConfigDict, *, make_sampler: Callable | None = No
   from astro_jax import checkpoint, verifier
   from astro_jax.generation import Item
   from astro_jax.prompts import PromptConfig, search_prompt_ids
-  from astro_jax.rl.learner import LearnerConfig, Reference, RLLearner
+  from astro_jax.rl.learner import LearnerConfig, Proximal, Reference, RLLearner
   from astro_jax.sampler import Sampler, SamplingParams
   from astro_jax.sharding import Sharder
   from astro_jax.train import loop, rollouts
@@ -315,6 +339,9 @@ def run(config: ml_collections.ConfigDict, *, make_sampler: Callable | None = No
     if config.loss.beta:
       reference = Reference(trainer, start_weights, chunk=config.loss_chunk, temperature=config.sampling.temperature)
     del start_weights
+  lc = LearnerConfig.from_config(config, tokenizer.pad_id)
+  proximal = (Proximal(trainer, chunk=config.loss_chunk, temperature=config.sampling.temperature)
+              if lc.tis and lc.minibatches > 1 else None)
   sampler = (make_sampler or Sampler)(trainer.cfg, tokenizer, sharder=Sharder.create(sharder.mesh, "sample"),
                                       max_batch=config.sampler.max_batch, dtype=config.sampler.dtype,
                                       cache_dtype=config.sampler.cache_dtype or None)
@@ -329,9 +356,9 @@ def run(config: ml_collections.ConfigDict, *, make_sampler: Callable | None = No
   bar = tqdm(total=config.steps, initial=start, desc="rl", unit="step", disable=not writer, dynamic_ncols=True)
   try:
     with verifier.VerifierPool(config.verifier.workers, config.verifier.timeout_s) as pool:
-      learner = RLLearner(LearnerConfig.from_config(config, tokenizer.pad_id), sampler, trainer, pool, stream, by_id,
-                          prompt_ids, params, ckpts, reference=reference, evals=evals, eval_params=eval_params,
-                          eval_dir=out / "eval", writer=writer)
+      learner = RLLearner(lc, sampler, trainer, pool, stream, by_id, prompt_ids, params, ckpts, reference=reference,
+                          proximal=proximal, evals=evals, eval_params=eval_params, eval_dir=out / "eval",
+                          writer=writer)
       for step in range(start + 1, config.steps + 1):
         row = learner.step(step)
         give_up = learner.empty_steps >= config.max_empty_steps

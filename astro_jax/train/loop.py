@@ -111,12 +111,15 @@ class Trainer:
   step_fn: Callable
   eval_fn: Callable
   peak_flops: float
+  grad_accum: int = 1
+  bound_loss: Callable | None = None  # (params, micro_batch) -> sums: the loss step_fn differentiates
   seed: int = 0
   save_every: int = 100
   keep: int = 3
   async_save: bool = True
   batch_axes: dict = dataclasses.field(default_factory=lambda: dict(step_lib.SFT_BATCH_AXES))
   state: Any = None
+  spill_step_fns: dict = dataclasses.field(default_factory=dict)  # micro-batch count -> step_fn, past grad_accum
 
   @classmethod
   def create(cls, config: ml_collections.ConfigDict, cfg: ModelConfig, sharder: Sharder, total_steps: int,
@@ -150,7 +153,7 @@ class Trainer:
     device = jax.devices()[0]
     peak = config.peak_flops or metrics.peak_flops(device.device_kind, device.platform)
     return cls(cfg, run, sharder, tx, schedule, total_steps, batch_size, seq_len, shardings, step_fn, eval_fn, peak,
-               seed=config.seed, save_every=config.save_every, keep=config.keep, async_save=config.async_checkpoint,
+               grad_accum=config.grad_accum, bound_loss=bound, seed=config.seed, save_every=config.save_every, keep=config.keep, async_save=config.async_checkpoint,
                batch_axes=dict(batch_axes))
 
   @property
@@ -213,17 +216,40 @@ class Trainer:
     """This process's rows of a step's batch -> the global batch on the mesh."""
     return {k: to_global(self.sharder.named(axes), local[k], self.batch_size) for k, axes in self.batch_axes.items()}
 
+  def put_rows(self, rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """A global batch given as host rows ([N, ...] each, the same on every process; N: batch_size, or more whole
+    micro-batches) -> on the mesh: this process puts its own rows."""
+    n, T = next(iter(rows.values())).shape[:2]
+    span = local_rows(self.batch_sharding, (n, T))
+    return {k: to_global(self.sharder.named(axes), rows[k][span], n) for k, axes in self.batch_axes.items()
+            if k in rows}  # inputs missing here are made on device (`train_on`'s prepare)
+
+  def step_on(self, batch: dict[str, jax.Array]) -> dict[str, float]:
+    """One optimizer step on a placed batch of any whole number of micro-batches (batch_size / grad_accum rows
+    each: more than grad_accum of them compiles the step once for that count); the step's metrics, fetched."""
+    per_micro = self.batch_size // self.grad_accum
+    n = next(iter(batch.values())).shape[0]
+    if n % per_micro:
+      raise ValueError(f"a batch of {n} rows is not whole micro-batches of {per_micro} rows")
+    self.state, device_metrics = self._step_fn_for(n // per_micro)(self.state, batch)
+    return {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+
+  def _step_fn_for(self, accum: int) -> Callable:
+    if accum == self.grad_accum:
+      return self.step_fn
+    if accum not in self.spill_step_fns:
+      self.spill_step_fns[accum] = step_lib.jit_train_step(self.bound_loss, self.tx, accum=accum,
+                                                           sharder=self.sharder, shardings=self.state_shardings,
+                                                           batch_axes=self.batch_axes)
+    return self.spill_step_fns[accum]
+
   def train_on(self, rows: dict[str, np.ndarray], prepare: Callable[[dict], dict] | None = None
                ) -> dict[str, float]:
-    """One optimizer step on a global batch given as host rows ([batch_size, ...] each, the same on every process:
-    this process puts its own rows on the mesh). `prepare` may complete the placed batch on device (e.g. a
-    reference model's log-probs); the step's metrics come back fetched (the host waits for the step)."""
-    span = self.local_rows
-    batch = self.put_batch({k: v[span] for k, v in rows.items()})
-    if prepare is not None:
-      batch = prepare(batch)
-    self.state, device_metrics = self.step_fn(self.state, batch)
-    return {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    """One optimizer step on a global batch given as host rows (`put_rows`). `prepare` may complete the placed
+    batch on device (e.g. a reference model's log-probs); the step's metrics come back fetched (the host waits for
+    the step)."""
+    batch = self.put_rows(rows)
+    return self.step_on(prepare(batch) if prepare is not None else batch)
 
   def eval_batches(self, rows: list[dict[str, np.ndarray]]) -> list[dict[str, jax.Array]]:
     """Held-out packed rows in full batches (the last one padded with empty rows, weight 0)."""

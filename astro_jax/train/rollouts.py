@@ -44,6 +44,22 @@ def rl_batch_axes(*, packed: bool = False, ref: bool = False, prox: bool = False
   return axes
 
 
+def targets_per_row(max_new_tokens: int, seq_len: int, train_tokens: int = 0) -> int:
+  """The response tokens a training row holds at most (the head runs only at those positions): one response's
+  budget in a padded row; in a packed row of train_tokens, one budget per seq_len-long sequence it could hold,
+  rounded up (a row of shorter sequences holds more: the packer then starts another row)."""
+  return max_new_tokens * (-(-train_tokens // seq_len) if train_tokens else 1)
+
+
+def packed_rows(configured: int, rows_per_micro: int, max_prompt_tokens: int, max_new_tokens: int,
+                train_tokens: int) -> int:
+  """Packed rows per micro-batch: `configured`, or (0) room for rows_per_micro sequences of max_prompt_tokens +
+  max_new_tokens / 2 tokens (a step whose responses run longer spills into another micro-batch)."""
+  if configured:
+    return configured
+  return max(1, -(-rows_per_micro * (max_prompt_tokens + max_new_tokens // 2) // train_tokens))
+
+
 def _check_responses(prompt_ids, responses, old_logprobs, advantages) -> None:
   if not (len(prompt_ids) == len(old_logprobs) == len(advantages) == len(responses)):
     raise ValueError("prompt_ids, responses, old_logprobs and advantages need one entry per response")
