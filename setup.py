@@ -17,7 +17,7 @@ setup(
     install_requires=CORE,
     extras_require={
         # torch is the reference implementation in tests and loads the GGUF asset; 2.13.0 is the CPU build.
-        "test": ["torch==2.13.0", "gguf>=0.17", "accelerate>=1.0", "trl==1.16.0", "pytest>=8.0"],
+        "test": ["torch==2.13.0", "gguf>=0.17", "accelerate>=1.0", "trl==1.16.0", "pytest>=8.0", "pytest-xdist>=3.5"],
         "tpu": ["jax[tpu]>=0.10.2"],
         "cuda": ["jax[cuda12]>=0.10.2"],
     },

@@ -33,7 +33,7 @@ def get_config():
   m.batch_problems = 8
   m.search.k = 3
   m.search.rollouts = 2
-  m.search.iterations = 4
+  m.search.iterations = 3
   m.search.max_depth = 5
   m.search.graft_rollouts = True
   m.search.temperature = 0.7
@@ -57,14 +57,14 @@ def get_config():
   d.sampling.temperature = 0.7
   d.sampling.max_new_tokens = 128
 
-  r = c.rl  # configs/rl_smollm2.py, 3 steps
-  r.steps = 3
+  r = c.rl  # configs/rl_smollm2.py, 2 steps
+  r.steps = 2
   r.batch_prompts = 4
   r.group_size = 4
   r.max_prompt_tokens = 256
   r.loss_chunk = 384
   r.model.remat = "full"
-  r.save_every = 3
+  r.save_every = 2
   r.keep = 1
   r.async_checkpoint = False
   r.sampler.max_batch = 16

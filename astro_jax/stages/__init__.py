@@ -1,4 +1,5 @@
-"""Stage registry: every `stage` of `python -m astro_jax.main` is a module here with `defaults()` and `run(config)`."""
+"""Stage registry: every `stage` of `python -m astro_jax.main` is a module here with `KEYS` (its config keys, each
+declared once: `astro_jax.config_keys`), `defaults()`, `check(config)` and `run(config)`."""
 from __future__ import annotations
 
 import importlib
@@ -33,26 +34,15 @@ def defaults(name: str):
 
 
 def flat_defaults(name: str) -> list[tuple[str, Any]]:
-  """(dotted key, default) for every leaf of a stage's own defaults, in definition order (a stage's SUBCONFIGS, other
-  stages' configs inside the pipeline's, are theirs: not listed)."""
-  nested = set(getattr(get(name), "SUBCONFIGS", ()))
-
-  def walk(node, prefix):
-    for key, value in node.items():
-      if not prefix and key in nested:
-        continue
-      if isinstance(value, ml_collections.ConfigDict):
-        yield from walk(value, f"{prefix}{key}.")
-      else:
-        yield f"{prefix}{key}", value
-  return list(walk(defaults(name), ""))
+  """(dotted key, default) for every key a stage declares (its KEYS), in declaration order (a stage's SUBCONFIGS,
+  other stages' configs inside the pipeline's, are theirs: not listed)."""
+  return [(key, k.default) for key, k in get(name).KEYS.items()]
 
 
 def key_help(name: str) -> dict[str, str]:
-  """What each config key of a stage means: the shared keys' help, the stage's own HELP (and SAMPLING_HELP)."""
-  from astro_jax.stages import common
-  module = get(name)
-  return {**common.BASE_HELP, **getattr(module, "SAMPLING_HELP", {}), **getattr(module, "HELP", {})}
+  """What each config key of a stage means (from its KEYS)."""
+  from astro_jax import config_keys
+  return config_keys.helps(get(name).KEYS)
 
 
 def config_tables_markdown() -> str:

@@ -20,43 +20,52 @@ from typing import Any, Callable
 import ml_collections
 
 from astro_jax import files, sharding
+from astro_jax.config_keys import Key, Keys, above, at_least, changed, check_values, group, one_of, satisfies
 from astro_jax.errors import ConfigError, UserError, require
 
 ASSET_PREFIX = "asset:"
 DTYPES = ("float32", "bfloat16")
 
 
-def base_config(stage: str) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.stage = stage
-  c.seed = 0
-  c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
-  c.distributed = ml_collections.ConfigDict(
-      {"enabled": False, "coordinator_address": "", "num_processes": -1, "process_id": -1})
-  c.compile_cache_dir = "~/.cache/astro_jax/jax_compile"
-  return c
+def _mesh_size(size: int) -> str | None:
+  return None if size >= 1 or size == -1 else "must be >= 1, or -1 for all remaining devices"
 
 
-def model_config() -> ml_collections.ConfigDict:
-  """How a sampling stage runs the model (architecture comes from the checkpoint)."""
-  return ml_collections.ConfigDict({"dtype": "float32"})
+def base_keys(stage: str) -> Keys:
+  """The keys every stage has: which stage, the run seed, the mesh, the multi-host runtime, the compile cache."""
+  return {
+      "stage": Key(stage, "which stage runs (fixed by the config file)"),
+      "seed": Key(0, "run seed (stages that sample take theirs from sampling.seed)"),
+      "mesh.data": Key(1, "devices on the data axis", _mesh_size),
+      "mesh.fsdp": Key(-1, "devices on the fsdp axis (-1: all remaining)", _mesh_size),
+      "mesh.tensor": Key(1, "devices on the tensor axis", _mesh_size),
+      "distributed.enabled": Key(False, "start JAX's multi-host runtime (one process per host)"),
+      "distributed.coordinator_address": Key("", "host:port of process 0 (\"\": from the cluster environment)"),
+      "distributed.num_processes": Key(-1, "number of processes (-1: from the environment)"),
+      "distributed.process_id": Key(-1, "this process's index (-1: from the environment)"),
+      "compile_cache_dir": Key("~/.cache/astro_jax/jax_compile", "JAX's persistent compilation cache (\"\": off); a "
+                               "restarted run does not recompile"),
+  }
 
 
-def sampling_config() -> ml_collections.ConfigDict:
-  """The generate stage's sampling defaults (greedy), which eval starts from."""
-  return ml_collections.ConfigDict({"temperature": 0.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 256, "n": 1,
-                                    "stop": (), "seed": 0})
+CHECKPOINT = Key("", "Orbax or HF checkpoint directory, a training run's step (RUN/checkpoints/N), or an asset "
+                 "(asset:smollm2)")
+TOKENIZER = Key("", "tokenizer directory (default: the checkpoint's own)")
 
+# How a sampling stage runs the model (the architecture comes from the checkpoint).
+MODEL_KEYS: Keys = {"model.dtype": Key("float32", "the sampler's compute dtype (and its weight copy's): float32 or "
+                                       "bfloat16", one_of(DTYPES))}
 
-SAMPLING_HELP = {
-    "sampling.temperature": "0 = greedy",
-    "sampling.top_p": "nucleus mass in (0, 1] (1 = off)",
-    "sampling.top_k": "0 = off",
-    "sampling.max_new_tokens": "token budget per completion",
-    "sampling.n": "samples per prompt",
-    "sampling.stop": "strings that end a completion (cut before them)",
-    "sampling.seed": "with the row's identity and sample index, all the randomness",
-}
+# The sampling.* group (checked together by `check_sampling`, the sampler's own rules): generate's defaults, greedy.
+SAMPLING_KEYS: Keys = group("sampling", {
+    "temperature": Key(0.0, "0 = greedy"),
+    "top_p": Key(1.0, "nucleus mass in (0, 1] (1 = off)"),
+    "top_k": Key(0, "0 = off"),
+    "max_new_tokens": Key(256, "token budget per completion"),
+    "n": Key(1, "samples per prompt"),
+    "stop": Key((), "strings that end a completion (cut before them)"),
+    "seed": Key(0, "with the row's identity and sample index, all the randomness"),
+})
 
 
 def sampling_params(c: ml_collections.ConfigDict, **overrides):
@@ -67,38 +76,52 @@ def sampling_params(c: ml_collections.ConfigDict, **overrides):
   return SamplingParams(**{**values, **overrides})
 
 
-def rl_sampling_config() -> ml_collections.ConfigDict:
-  """How rl samples (T = 1, no top-p / top-k): also difficulty's defaults, whose pass rates are of RL's sampling."""
-  return ml_collections.ConfigDict({"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 1024,
-                                    "stop": (), "seed": 0})
+# How rl samples (T = 1, no top-p / top-k; the response budget): also difficulty's defaults, whose pass rates are of
+# RL's sampling.
+RL_SAMPLING_KEYS: Keys = changed(
+    SAMPLING_KEYS, drop=("sampling.n",),
+    defaults={"sampling.temperature": 1.0, "sampling.max_new_tokens": 1024},
+    helps={"sampling.temperature": "sampling temperature (> 0; the trainer scores with the same)",
+           "sampling.top_p": "nucleus mass (1: off; < 1 makes the sampler's log-probs those of a truncated "
+                             "distribution)",
+           "sampling.top_k": "0 = off (see top_p)",
+           "sampling.max_new_tokens": "response budget (tokens); a response that reaches it is truncated",
+           "sampling.stop": "strings that end a response",
+           "sampling.seed": "with (epoch, problem id, sample index), all the sampling randomness"})
 
 
-def prompt_config() -> ml_collections.ConfigDict:
-  """The prompt (`prompts.PromptConfig`) of eval, rl and difficulty: by default zero-shot with the ASTRO instruction,
-  exactly `prompts.math_messages`."""
+def prompt_keys(*, worked_example: bool = False) -> Keys:
+  """The prompt (`prompts.PromptConfig`), in rl's and difficulty's words (the other stages adapt the help): by
+  default zero-shot with the ASTRO instruction, exactly `prompts.math_messages` (eval, rl, difficulty); with
+  worked_example, PromptConfig's default example as an earlier chat turn (the search's few-shot prompt)."""
   from astro_jax import prompts
-  return ml_collections.ConfigDict({"instruction": prompts.ASTRO_INSTRUCTION, "example_problem": "",
-                                    "example_solution": "", "system": ""})
+  example = prompts.PromptConfig() if worked_example else prompts.PromptConfig(example_problem="",
+                                                                                  example_solution="")
+  return group("prompt", {
+      "instruction": Key(example.instruction, "appended to every problem"),
+      "example_problem": Key(example.example_problem, "a worked example's problem as an earlier chat turn (\"\": "
+                                                     "zero-shot)"),
+      "example_solution": Key(example.example_solution, "the example's solution (steps, a boxed final answer)"),
+      "system": Key(example.system, "system message (\"\": none)"),
+  })
 
 
-PROMPT_HELP = {  # rl's and difficulty's words (eval has its own)
-    "prompt.instruction": "appended to every problem",
-    "prompt.example_problem": "a worked example's problem as an earlier chat turn (\"\": zero-shot)",
-    "prompt.example_solution": "the example's solution (steps, a boxed final answer)",
-    "prompt.system": "system message (\"\": none)",
-}
+VERIFIER_KEYS: Keys = group("verifier", {
+    "workers": Key(2, "answer-checking subprocesses", at_least(1)),
+    "timeout_s": Key(5.0, "hard limit per comparison (a timeout counts as wrong)", above(0)),
+})
+
+
+not_a_file = satisfies(lambda v: not Path(v).is_file(), "is a file; name a directory")  # an output directory's
 
 
 # --- value checks -------------------------------------------------------------------------------------------------
 
-def check_base(config: ml_collections.ConfigDict) -> None:
-  """The keys every stage has: mesh shape and (when present) model settings."""
+def check_base(config: ml_collections.ConfigDict, keys: Keys) -> None:
+  """Every key's own check (`keys`: the stage's table), then the mesh as a whole."""
+  check_values(config, keys)
   sizes = [config.mesh[a] for a in sharding.MESH_AXES]
-  for axis, size in zip(sharding.MESH_AXES, sizes):
-    require(size >= 1 or size == -1, f"mesh.{axis}", size, "must be >= 1, or -1 for all remaining devices")
   require(sizes.count(-1) <= 1, "mesh", dict(zip(sharding.MESH_AXES, sizes)), "at most one axis may be -1")
-  if "model" in config:
-    require(config.model.dtype in DTYPES, "model.dtype", config.model.dtype, f"must be one of {DTYPES}")
 
 
 def check_sampling(sampling: ml_collections.ConfigDict, n: int | None = None) -> None:
@@ -119,16 +142,6 @@ def require_none(problems: dict[str, str], prefix: str, unprefixed: tuple[str, .
   if problems:
     field, why = next(iter(problems.items()))
     raise ConfigError(f"config key {field if field in unprefixed else prefix + field!r} {why}")
-
-
-def verifier_config() -> ml_collections.ConfigDict:
-  """The answer checker: worker subprocesses and the hard limit per comparison."""
-  return ml_collections.ConfigDict({"workers": 2, "timeout_s": 5.0})
-
-
-def check_verifier(config: ml_collections.ConfigDict) -> None:
-  require(config.verifier.workers >= 1, "verifier.workers", config.verifier.workers, "must be >= 1")
-  require(config.verifier.timeout_s > 0, "verifier.timeout_s", config.verifier.timeout_s, "must be > 0")
 
 
 def input_file(path: str, key: str) -> Path:
@@ -514,26 +527,6 @@ class SettingsRecord:
       record["changes"] = history + [{"at_step": at_step, "changed": self._changes}]
     files.write_text_atomic(self.path, json.dumps(record, indent=2) + "\n")
     self._recorded = True
-
-
-BASE_HELP = {  # keys several stages share (a stage's own HELP overrides)
-    "stage": "which stage runs (fixed by the config file)",
-    "checkpoint": "Orbax or HF checkpoint directory, a training run's step (RUN/checkpoints/N), or an asset "
-                  "(asset:smollm2)",
-    "tokenizer": "tokenizer directory (default: the checkpoint's own)",
-    "seed": "run seed (stages that sample take theirs from sampling.seed)",
-    "mesh.data": "devices on the data axis",
-    "mesh.fsdp": "devices on the fsdp axis (-1: all remaining)",
-    "mesh.tensor": "devices on the tensor axis",
-    "distributed.enabled": "start JAX's multi-host runtime (one process per host)",
-    "distributed.coordinator_address": "host:port of process 0 (\"\": from the cluster environment)",
-    "distributed.num_processes": "number of processes (-1: from the environment)",
-    "distributed.process_id": "this process's index (-1: from the environment)",
-    "verifier.workers": "answer-checking subprocesses",
-    "verifier.timeout_s": "hard limit per comparison (a timeout counts as wrong)",
-    "compile_cache_dir": "JAX's persistent compilation cache (\"\": off); a restarted run does not recompile",
-    "model.dtype": "the sampler's compute dtype (and its weight copy's): float32 or bfloat16",
-}
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:

@@ -9,6 +9,8 @@ import logging
 
 import ml_collections
 
+from astro_jax import config_keys
+from astro_jax.config_keys import Key, Keys, above, given, one_of
 from astro_jax.errors import UserError
 from astro_jax.stages import common
 
@@ -16,39 +18,27 @@ DIRECTIONS = {"hf_to_orbax": "hf", "orbax_to_hf": "orbax"}  # direction -> kind 
 _KIND_NAMES = {"hf": "a HF", "orbax": "an Orbax"}
 PARAM_DTYPES = ("", "float32", "bfloat16", "float16")
 
-HELP = {
-    "direction": "hf_to_orbax or orbax_to_hf",
-    "input": "HF dir (hf_to_orbax), or Orbax checkpoint dir or a training run's RUN/checkpoints/<step> (orbax_to_hf); "
-             "asset:smollm2 works",
-    "output": "checkpoint directory to write (atomically)",
-    "overwrite": "replace an existing output (else it is refused before any work)",
-    "dtype": "hf_to_orbax: store params as this dtype (\"\": the source's)",
-    "tokenizer": "orbax_to_hf: tokenizer dir to ship (\"\": the one inside the checkpoint)",
-    "max_shard_gb": "orbax_to_hf: largest safetensors file, in GiB",
+KEYS: Keys = {
+    **common.base_keys("convert"),
+    "direction": Key("hf_to_orbax", "hf_to_orbax or orbax_to_hf", one_of(DIRECTIONS)),
+    "input": Key("", "HF dir (hf_to_orbax), or Orbax checkpoint dir or a training run's RUN/checkpoints/<step> "
+                 "(orbax_to_hf); asset:smollm2 works", given("a checkpoint directory (or asset:smollm2) is required")),
+    "output": Key("", "checkpoint directory to write (atomically)", given("an output directory is required")),
+    "overwrite": Key(False, "replace an existing output (else it is refused before any work)"),
+    "dtype": Key("", "hf_to_orbax: store params as this dtype (\"\": the source's)", one_of(PARAM_DTYPES)),
+    "tokenizer": Key("", "orbax_to_hf: tokenizer dir to ship (\"\": the one inside the checkpoint)"),
+    "max_shard_gb": Key(5.0, "orbax_to_hf: largest safetensors file, in GiB", above(0)),
 }
 
 
 def defaults() -> ml_collections.ConfigDict:
-  c = common.base_config("convert")
-  c.direction = "hf_to_orbax"
-  c.input = ""
-  c.output = ""
-  c.overwrite = False
-  c.dtype = ""
-  c.tokenizer = ""
-  c.max_shard_gb = 5.0
-  return c
+  return config_keys.defaults(KEYS)
 
 
 def check(config: ml_collections.ConfigDict) -> None:
   """Config values and a free output, before anything is read or written."""
   from astro_jax import files
-  common.check_base(config)
-  common.require(config.direction in DIRECTIONS, "direction", config.direction, f"must be one of {tuple(DIRECTIONS)}")
-  common.require(bool(config.input), "input", config.input, "a checkpoint directory (or asset:smollm2) is required")
-  common.require(bool(config.output), "output", config.output, "an output directory is required")
-  common.require(config.dtype in PARAM_DTYPES, "dtype", config.dtype, f"must be one of {PARAM_DTYPES}")
-  common.require(config.max_shard_gb > 0, "max_shard_gb", config.max_shard_gb, "must be > 0")
+  common.check_base(config, KEYS)
   files.prepare_output(config.output, config.overwrite, hint="--config.overwrite=True")
 
 

@@ -40,67 +40,60 @@ import ml_collections
 from tqdm import tqdm
 
 from astro_jax.errors import UserError
+from astro_jax import config_keys
+from astro_jax.config_keys import Key, Keys, all_of, at_least, changed, given, satisfies
 from astro_jax.stages import common
 
 # What shapes the pass rates: a resumed run must use the same. The band only shapes the derived outputs.
 _RUN_KEYS = ("checkpoint", "tokenizer", "input", "samples", "model", "sampling", "prompt")
 RESULT_FILES = ("pass_rates.jsonl", "prompts.jsonl", "summary.json")
 RENAMED = {"sampling.n": "samples"}
-SAMPLING_HELP = {**{k: v for k, v in common.SAMPLING_HELP.items() if k not in RENAMED},
-                 "sampling.temperature": "0 = greedy; the default is rl's (the estimate is of RL's sampling)",
-                 "sampling.max_new_tokens": "response budget (tokens; rl's sampling.max_new_tokens); a response "
-                                            "that reaches it is truncated",
-                 "sampling.seed": "with (problem id, sample index), all the sampling randomness"}
-
-HELP = {
-    "seed": "not used by this stage (samples: sampling.seed)",
-    "checkpoint": "the start model of RL (the SFT checkpoint): Orbax or HF directory, or an asset (asset:smollm2)",
-    "input": "JSONL with id, problem, answer per row, or a bundled benchmark (math500, amc23, aime24, gsm8k)",
-    "limit": "the first N problems (-1: all)",
-    "output_dir": "pass_rates.jsonl, prompts.jsonl (rl's prompts), summary.json, run_config.json",
-    "overwrite": "replace results made with other settings",
-    "samples": "n: responses per problem; its pass rate is n_correct / n",
-    "keep_above": "keep problems with pass rate > this (exclusive; 0: drop the never-solved; < 0: keep them)",
-    "keep_below": "keep problems with pass rate < this (exclusive; 1: drop the always-solved; > 1: keep them)",
-    "batch_size": "rows (problems x samples) per sampler call; does not change results",
-    **common.PROMPT_HELP,  # rl's
+KEYS: Keys = {
+    **common.base_keys("difficulty"),
+    "seed": Key(0, "not used by this stage (samples: sampling.seed)"),
+    "checkpoint": Key("", "the start model of RL (the SFT checkpoint): Orbax or HF directory, or an asset "
+                      "(asset:smollm2)", given("the start model (an SFT checkpoint) is required")),
+    "tokenizer": common.TOKENIZER,
+    "input": Key("", "JSONL with id, problem, answer per row, or a bundled benchmark (math500, amc23, aime24, gsm8k)",
+                 given("name a JSONL with id, problem, answer per row, or a bundled benchmark (math500, amc23, "
+                       "aime24, gsm8k)")),
+    "limit": Key(-1, "the first N problems (-1: all)",
+                 satisfies(lambda v: v >= -1 and v != 0, "must be >= 1, or -1 for all problems")),
+    "output_dir": Key("outputs/difficulty", "pass_rates.jsonl, prompts.jsonl (rl's prompts), summary.json, "
+                      "run_config.json", all_of(given("an output directory is required"), common.not_a_file)),
+    "overwrite": Key(False, "replace results made with other settings"),
+    "samples": Key(8, "n: responses per problem; its pass rate is n_correct / n", at_least(1)),
+    # kept: keep_above < pass rate < keep_below
+    "keep_above": Key(0.0, "keep problems with pass rate > this (exclusive; 0: drop the never-solved; < 0: keep "
+                      "them)", satisfies(lambda v: math.isfinite(v) and v < 1,
+                                     "must be a number < 1 (pass rates are in [0, 1])")),
+    "keep_below": Key(1.0, "keep problems with pass rate < this (exclusive; 1: drop the always-solved; > 1: keep "
+                      "them)", satisfies(lambda v: math.isfinite(v) and v > 0,
+                                     "must be a number > 0 (pass rates are in [0, 1])")),
+    "batch_size": Key(64, "rows (problems x samples) per sampler call; does not change results", at_least(1)),
+    **common.MODEL_KEYS,
+    # Rendered and sampled as rl does: its prompt.* and sampling.* defaults.
+    **changed(common.RL_SAMPLING_KEYS, helps={
+        "sampling.temperature": "0 = greedy; the default is rl's (the estimate is of RL's sampling)",
+        "sampling.max_new_tokens": "response budget (tokens; rl's sampling.max_new_tokens); a response that reaches "
+                                   "it is truncated",
+        "sampling.seed": "with (problem id, sample index), all the sampling randomness",
+        "sampling.top_p": "nucleus mass in (0, 1] (1 = off)", "sampling.top_k": "0 = off",
+        "sampling.stop": "strings that end a completion (cut before them)"}),
+    **common.prompt_keys(),
+    **common.VERIFIER_KEYS,
 }
 
 
 def defaults() -> ml_collections.ConfigDict:
-  c = common.base_config("difficulty")
-  c.checkpoint = ""
-  c.tokenizer = ""
-  c.input = ""
-  c.limit = -1
-  c.output_dir = "outputs/difficulty"
-  c.overwrite = False
-  c.samples = 8
-  c.keep_above = 0.0   # kept: keep_above < pass rate < keep_below
-  c.keep_below = 1.0
-  c.batch_size = 64
-  c.model = common.model_config()
-  c.sampling = common.rl_sampling_config()  # render and sample as rl does: its prompt.* and sampling.* defaults
-  c.prompt = common.prompt_config()
-  c.verifier = common.verifier_config()
-  return c
+  return config_keys.defaults(KEYS)
 
 
 def check(config: ml_collections.ConfigDict) -> None:
   """Config values, before anything is read or written."""
   r = common.require
-  common.check_base(config)
-  r(bool(config.checkpoint), "checkpoint", config.checkpoint, "the start model (an SFT checkpoint) is required")
-  r(bool(config.input), "input", config.input,
-    "name a JSONL with id, problem, answer per row, or a bundled benchmark (math500, amc23, aime24, gsm8k)")
-  r(config.limit >= -1 and config.limit != 0, "limit", config.limit, "must be >= 1, or -1 for all problems")
-  r(bool(config.output_dir), "output_dir", config.output_dir, "an output directory is required")
-  r(not Path(config.output_dir).is_file(), "output_dir", config.output_dir, "is a file; name a directory")
-  r(config.samples >= 1, "samples", config.samples, "must be >= 1")
-  r(config.batch_size >= 1, "batch_size", config.batch_size, "must be >= 1")
+  common.check_base(config, KEYS)
   lo, hi = config.keep_above, config.keep_below
-  r(math.isfinite(lo) and lo < 1, "keep_above", lo, "must be a number < 1 (pass rates are in [0, 1])")
-  r(math.isfinite(hi) and hi > 0, "keep_below", hi, "must be a number > 0 (pass rates are in [0, 1])")
   r(lo < hi, "keep_below", hi, f"must be > keep_above ({lo})")
   r(any(in_band(k / config.samples, lo, hi) for k in range(config.samples + 1)), "keep_below", hi,
     f"no pass rate k/{config.samples} lies strictly between keep_above = {lo} and keep_below = {hi}: nothing "
@@ -109,7 +102,6 @@ def check(config: ml_collections.ConfigDict) -> None:
   r(not (p.example_problem and not p.example_solution.strip()), "prompt.example_solution", p.example_solution,
     "an example problem needs its solution")
   common.check_sampling(config.sampling, n=config.samples)
-  common.check_verifier(config)
 
 
 def in_band(pass_rate: float, keep_above: float, keep_below: float) -> bool:

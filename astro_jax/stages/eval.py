@@ -13,6 +13,7 @@ ASTRO instruction, is `prompts.math_messages`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -20,70 +21,52 @@ from pathlib import Path
 import ml_collections
 from tqdm import tqdm
 
+from astro_jax import config_keys
+from astro_jax.config_keys import Key, Keys, at_least, changed, given, satisfies
 from astro_jax.stages import common
 
 # Settings that change results: a resumed run must use the same ones.
 _RUN_KEYS = ("checkpoint", "tokenizer", "samples", "prompt", "sampling")
 _INPUT_KEYS = ("checkpoint", "tokenizer", "benchmarks")  # recorded as resolved paths + content fingerprints
 RENAMED = {"sampling.n": "samples", "system_prompt": "prompt.system"}  # other spellings (of other stages, or older)
-SAMPLING_HELP = {k: v for k, v in common.SAMPLING_HELP.items() if k not in RENAMED}
-
-HELP = {
-    "benchmarks": "comma-separated: math500, amc23, aime24, gsm8k, or JSONL paths (id, problem, answer)",
-    "limit": "the first N problems of each benchmark (-1: all)",
-    "samples": "k responses per problem (pass@k, maj@k)",
-    "prompt.instruction": "appended to every problem",
-    "prompt.example_problem": "a worked example's problem as an earlier chat turn (\"\": zero-shot)",
-    "prompt.example_solution": "the example's solution (steps, a boxed final answer)",
-    "prompt.system": "system message before each problem (\"\": none)",
-    "output_dir": "per-benchmark rows, summary.json, summary.md, run_config.json",
-    "overwrite": "replace results made with other settings",
-    "batch_size": "rows (problems x samples) per sampler call; does not change results",
+KEYS: Keys = {
+    **common.base_keys("eval"),
+    "checkpoint": dataclasses.replace(common.CHECKPOINT, default="asset:smollm2"),
+    "tokenizer": common.TOKENIZER,
+    "benchmarks": Key("math500,amc23,aime24", "comma-separated: math500, amc23, aime24, gsm8k, or JSONL paths (id, "
+                      "problem, answer)", satisfies(lambda v: bool(common.benchmark_specs(v)),
+                                                    "name at least one benchmark")),
+    "limit": Key(-1, "the first N problems of each benchmark (-1: all)",
+                 satisfies(lambda v: v >= -1, "must be >= 0, or -1 for all problems")),
+    "samples": Key(1, "k responses per problem (pass@k, maj@k)", at_least(1)),
+    **changed(common.prompt_keys(), helps={"prompt.system": "system message before each problem (\"\": none)"}),
+    "output_dir": Key("outputs/eval", "per-benchmark rows, summary.json, summary.md, run_config.json",
+                      given("an output directory is required")),
+    "overwrite": Key(False, "replace results made with other settings"),
+    "batch_size": Key(16, "rows (problems x samples) per sampler call; does not change results", at_least(1)),
+    **common.MODEL_KEYS,
+    **changed(common.SAMPLING_KEYS, drop=("sampling.n",),  # k is `samples`
+              defaults={"sampling.temperature": 0.6, "sampling.top_p": 0.95, "sampling.max_new_tokens": 1024}),
+    **common.VERIFIER_KEYS,
 }
 
 
 def defaults() -> ml_collections.ConfigDict:
-  c = common.base_config("eval")
-  c.checkpoint = "asset:smollm2"
-  c.tokenizer = ""
-  c.benchmarks = "math500,amc23,aime24"  # bundled names (math500, amc23, aime24, gsm8k) or JSONL paths
-  c.limit = -1                           # the first N problems of each benchmark (-1: all)
-  c.samples = 1                          # k responses per problem
-  c.prompt = prompt_config()
-  c.output_dir = "outputs/eval"
-  c.overwrite = False
-  c.batch_size = 16                      # rows per sampler call (problems x k)
-  c.model = common.model_config()
-  c.sampling = common.sampling_config()
-  del c.sampling["n"]                    # k is `samples`
-  c.sampling.temperature = 0.6
-  c.sampling.top_p = 0.95
-  c.sampling.max_new_tokens = 1024
-  c.verifier = common.verifier_config()
-  return c
-
-
-prompt_config = common.prompt_config  # as rl and difficulty render theirs
+  return config_keys.defaults(KEYS)
 
 
 def settings(config: ml_collections.ConfigDict) -> dict:
   """What run_config.json records. The default prompt is recorded as before the prompt.* keys (`system_prompt`), so
   results written then still resume."""
   values = common.to_settings(config, _RUN_KEYS, _INPUT_KEYS)
-  if values["prompt"] == {**prompt_config().to_dict(), "system": config.prompt.system}:
+  if values["prompt"] == {**defaults().prompt.to_dict(), "system": config.prompt.system}:
     values["system_prompt"] = values.pop("prompt")["system"]
   return values
 
 
 def check(config: ml_collections.ConfigDict) -> None:
   """Config values, before anything is read or written."""
-  common.check_base(config)
-  common.require(bool(benchmark_specs(config)), "benchmarks", config.benchmarks, "name at least one benchmark")
-  common.require(config.limit >= -1, "limit", config.limit, "must be >= 0, or -1 for all problems")
-  common.require(config.samples >= 1, "samples", config.samples, "must be >= 1")
-  common.require(config.batch_size >= 1, "batch_size", config.batch_size, "must be >= 1")
-  common.require(bool(config.output_dir), "output_dir", config.output_dir, "an output directory is required")
-  common.check_verifier(config)
+  common.check_base(config, KEYS)
   common.check_sampling(config.sampling, n=config.samples)
   p = config.prompt
   common.require(not (p.example_problem and not p.example_solution.strip()), "prompt.example_solution",

@@ -13,6 +13,7 @@ same ones finds the output complete, other settings are refused unless `overwrit
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -20,6 +21,8 @@ from pathlib import Path
 import ml_collections
 from tqdm import tqdm
 
+from astro_jax import config_keys
+from astro_jax.config_keys import Key, Keys, all_of, at_least, given, satisfies
 from astro_jax.errors import UserError
 from astro_jax.stages import common
 
@@ -27,39 +30,30 @@ from astro_jax.stages import common
 _RUN_KEYS = ("checkpoint", "tokenizer", "input", "num_prompts", "sampling")
 _INPUT_KEYS = ("checkpoint", "tokenizer", "input")  # recorded as resolved path + content fingerprint
 
-HELP = {
-    "input": "JSONL with `prompt` or `messages` per row (\"\": the MATH-500 demo prompts)",
-    "num_prompts": "with no input: how many MATH-500 problems",
-    "output": "output JSONL (beside it: .partial while running, .settings.json)",
-    "overwrite": "replace an output made with other settings",
-    "batch_size": "rows (prompts x n) per sampler call; does not change results",
+KEYS: Keys = {
+    **common.base_keys("generate"),
+    "checkpoint": dataclasses.replace(common.CHECKPOINT, default="asset:smollm2"),
+    "tokenizer": common.TOKENIZER,
+    "input": Key("", "JSONL with `prompt` or `messages` per row (\"\": the MATH-500 demo prompts)"),
+    "num_prompts": Key(4, "with no input: how many MATH-500 problems", at_least(1)),
+    "output": Key("outputs/generate.jsonl", "output JSONL (beside it: .partial while running, .settings.json)",
+                  all_of(given("an output path is required"),
+                         satisfies(lambda v: not Path(v).is_dir(), "is a directory; name a .jsonl file"))),
+    "overwrite": Key(False, "replace an output made with other settings"),
+    "batch_size": Key(16, "rows (prompts x n) per sampler call; does not change results", at_least(1)),
+    **common.MODEL_KEYS,
+    **common.SAMPLING_KEYS,  # greedy by default
 }
-SAMPLING_HELP = common.SAMPLING_HELP
-sampling_config = common.sampling_config  # greedy by default
 sampling_params = common.sampling_params
 
 
 def defaults() -> ml_collections.ConfigDict:
-  c = common.base_config("generate")
-  c.checkpoint = "asset:smollm2"
-  c.tokenizer = ""
-  c.input = ""
-  c.num_prompts = 4
-  c.output = "outputs/generate.jsonl"
-  c.overwrite = False
-  c.batch_size = 16
-  c.model = common.model_config()
-  c.sampling = sampling_config()
-  return c
+  return config_keys.defaults(KEYS)
 
 
 def check(config: ml_collections.ConfigDict) -> None:
   """Config values, before anything is read or written."""
-  common.check_base(config)
-  common.require(config.batch_size >= 1, "batch_size", config.batch_size, "must be >= 1")
-  common.require(config.num_prompts >= 1, "num_prompts", config.num_prompts, "must be >= 1")
-  common.require(bool(config.output), "output", config.output, "an output path is required")
-  common.require(not Path(config.output).is_dir(), "output", config.output, "is a directory; name a .jsonl file")
+  common.check_base(config, KEYS)
   common.check_sampling(config.sampling)
 
 

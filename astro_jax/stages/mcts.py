@@ -59,6 +59,10 @@ import ml_collections
 from tqdm import tqdm
 
 from astro_jax.errors import UserError
+from astro_jax import config_keys
+from astro_jax.config_keys import Key, Keys, all_of, at_least, changed, given, satisfies
+from astro_jax.search import linearize, render
+from astro_jax.search.mcts import SearchConfig
 from astro_jax.stages import common
 
 # What shapes the trees: a resumed run must use the same. Derived outputs (sft/direct/summary) are rebuilt each run.
@@ -66,92 +70,114 @@ _RUN_KEYS = ("checkpoint", "tokenizer", "input", "search", "prompt")
 RESULT_FILES = ("trees.jsonl", "tree_stats.jsonl", "sft.jsonl", "direct.jsonl", "summary.json")
 TEMPLATE_KINDS = ("reflection", "negative", "positive", "backtrack", "restart")
 
-HELP = {
-    "seed": "not used by this stage: see search.seed, linearize.seed, render.seed, self_eval.seed",
-    "checkpoint": "the policy model: Orbax or HF checkpoint directory, or an asset (asset:smollm2); required",
-    "input": "JSONL with id, problem, answer per row, or a bundled benchmark (math500, amc23, aime24, gsm8k)",
-    "limit": "the first N problems (-1: all)",
-    "output_dir": "trees.jsonl, tree_stats.jsonl, sft.jsonl, direct.jsonl, summary.json, run_config.json",
-    "overwrite": "replace results made with other settings",
-    "batch_problems": "trees searched at once; does not change results",
-    "batch_size": "sampler rows per program (max batch); does not change results",
-    "search.k": "proposals (next steps) sampled per expansion",
-    "search.rollouts": "M: rollouts per new non-terminal child; its value R is their mean reward",
-    "search.iterations": "expansions per tree",
-    "search.max_depth": "steps; a child at this depth is terminal",
-    "search.c_puct": "PUCT exploration constant",
-    "search.prior": "PUCT prior: 'policy' (softmax of length-normalised step log-probs) or 'uniform'",
-    "search.leaves_per_tree": "expansions per tree per round (> 1: virtual loss)",
-    "search.graft_rollouts": "add rollout paths to the tree as nodes",
-    "search.length_terminal": "a step cut by search.step_max_tokens ends its branch (no answer: reward 0)",
-    "search.stop_after_correct": "finish a tree once it has this many correct terminals (0: never)",
-    "search.step_delimiter": "the text between steps (a step ends at it)",
-    "search.seed": "with (problem, iteration, node) the seed of every sample",
-    "search.temperature": "sampling temperature of steps and rollouts",
-    "search.top_p": "nucleus mass of steps and rollouts, in (0, 1]",
-    "search.step_max_tokens": "token budget of one step",
-    "search.rollout_max_tokens": "token budget of one rollout",
-    "prompt.instruction": "appended to every problem (example and real) in the search prompt",
-    "prompt.example_problem": "the few-shot example's problem (an earlier chat turn; \"\": zero-shot)",
-    "prompt.example_solution": "the example's solution: steps separated by the delimiter, a boxed final answer",
-    "prompt.system": "system message of the search prompt (\"\": none)",
-    "linearize.ks": "backtracks k of the traces per solved tree (0 = a direct trace)",
-    "linearize.attempts": "draws per trace before a duplicate of an earlier trace is dropped",
-    "linearize.seed": "seed of the traces' draws",
-    "self_eval.enabled": "keep only correct solutions the policy itself judges correct",
-    "self_eval.votes": "votes sampled per correct solution",
-    "self_eval.rule": "'unanimous' (every vote yes) or 'majority' (more than half)",
-    "self_eval.prompt": "vote prompt with {problem} and {solution}; a vote ends with 'Verdict: Yes/No'",
-    "self_eval.temperature": "sampling temperature of the votes",
-    "self_eval.max_new_tokens": "token budget of one vote",
-    "self_eval.seed": "seed of the votes",
-    "render.q_threshold": "positive reflection after an intermediate step with Q >= this",
-    "render.min_visits": "positive reflections only after steps whose Q rests on >= this many samples "
-                         "(0: search.rollouts, the M rollouts of one new child), never on one grafted rollout",
-    "render.max_positive_per_segment": "at most this many positive reflections per forward segment",
-    "render.positive_final": "positive reflection after the final answer",
-    "render.quote_words": "longest quote of the target step in a backtrack sentence (words)",
-    "render.seed": "seed of the phrase choices",
-    **{f"render.templates.{kind}": f"paraphrases of the {kind} phrase" + (" (with {step})" if kind == "backtrack"
-                                                                         else "") for kind in TEMPLATE_KINDS},
-    "rewrite.enabled": "smooth each rendered step with the policy (one sample call per step)",
-    "rewrite.prompt": "few-shot rewriting prompt with {context} and {step} (literal braces doubled)",
-    "rewrite.temperature": "0 = greedy",
-    "rewrite.max_new_tokens": "token budget of one rewritten step",
+_SEARCH, _RENDER, _TEMPLATES = SearchConfig(), render.RenderConfig(), render.Templates()  # the library's defaults
+_LINEARIZE = linearize.LinearizeConfig()
+_INPUT_HELP = "JSONL with id, problem, answer per row, or a bundled benchmark (math500, amc23, aime24, gsm8k)"
+
+
+def _template(fields: tuple[str, ...]):
+  """A str.format template with exactly `fields`: the check of a prompt template key."""
+  def problem(template: str) -> str | None:
+    try:
+      template.format(**{f: "x" for f in fields})
+    except (KeyError, IndexError, ValueError) as e:
+      return (f"must be a str.format template with only {{{'}, {'.join(fields)}}} ({type(e).__name__}: {e}; double "
+              f"literal braces)")
+    missing = [f for f in fields if "{" + f + "}" not in template]
+    return f"must contain {{{missing[0]}}}" if missing else None
+  return problem
+
+
+def _templates_of(kind: str):
+  def problem(phrases) -> str | None:
+    try:
+      render.Templates.from_config({kind: phrases})
+    except (ValueError, TypeError) as e:
+      return str(e)
+    return None
+  return problem
+
+
+# search.* are checked together by the search's own rules (search_config_problems), as SearchConfig checks itself.
+KEYS: Keys = {
+    **common.base_keys("mcts"),
+    "seed": Key(0, "not used by this stage: see search.seed, linearize.seed, render.seed, self_eval.seed"),
+    # required: the defaults are sized for an 8B+ policy with a long context (configs/mcts_8b.py)
+    "checkpoint": Key("", "the policy model: Orbax or HF checkpoint directory, or an asset (asset:smollm2); required"),
+    "tokenizer": common.TOKENIZER,
+    "input": Key("", _INPUT_HELP, given("name " + _INPUT_HELP.replace("JSONL", "a JSONL", 1))),
+    "limit": Key(-1, "the first N problems (-1: all)",
+                 satisfies(lambda v: v >= -1 and v != 0, "must be >= 1, or -1 for all problems")),
+    "output_dir": Key("outputs/mcts", "trees.jsonl, tree_stats.jsonl, sft.jsonl, direct.jsonl, summary.json, "
+                      "run_config.json", all_of(given("an output directory is required"), common.not_a_file)),
+    "overwrite": Key(False, "replace results made with other settings"),
+    "batch_problems": Key(16, "trees searched at once; does not change results", at_least(1)),
+    "batch_size": Key(64, "sampler rows per program (max batch); does not change results", at_least(1)),
+    **common.MODEL_KEYS,
+    "search.k": Key(_SEARCH.k, "proposals (next steps) sampled per expansion"),
+    "search.rollouts": Key(_SEARCH.rollouts, "M: rollouts per new non-terminal child; its value R is their mean "
+                           "reward"),
+    "search.iterations": Key(_SEARCH.iterations, "expansions per tree"),
+    "search.max_depth": Key(_SEARCH.max_depth, "steps; a child at this depth is terminal"),
+    "search.c_puct": Key(_SEARCH.c_puct, "PUCT exploration constant"),
+    "search.prior": Key(_SEARCH.prior, "PUCT prior: 'policy' (softmax of length-normalised step log-probs) or "
+                        "'uniform'"),
+    "search.leaves_per_tree": Key(_SEARCH.leaves_per_tree, "expansions per tree per round (> 1: virtual loss)"),
+    "search.graft_rollouts": Key(_SEARCH.graft_rollouts, "add rollout paths to the tree as nodes"),
+    "search.length_terminal": Key(_SEARCH.length_terminal, "a step cut by search.step_max_tokens ends its branch (no "
+                                  "answer: reward 0)"),
+    "search.stop_after_correct": Key(_SEARCH.stop_after_correct, "finish a tree once it has this many correct "
+                                     "terminals (0: never)"),
+    "search.step_delimiter": Key(_SEARCH.step_delimiter, "the text between steps (a step ends at it)"),
+    "search.seed": Key(_SEARCH.seed, "with (problem, iteration, node) the seed of every sample"),
+    "search.temperature": Key(_SEARCH.temperature, "sampling temperature of steps and rollouts"),
+    "search.top_p": Key(_SEARCH.top_p, "nucleus mass of steps and rollouts, in (0, 1]"),
+    "search.step_max_tokens": Key(_SEARCH.step_max_tokens, "token budget of one step"),
+    "search.rollout_max_tokens": Key(_SEARCH.rollout_max_tokens, "token budget of one rollout"),
+    **changed(common.prompt_keys(worked_example=True), helps={
+        "prompt.instruction": "appended to every problem (example and real) in the search prompt",
+        "prompt.example_problem": "the few-shot example's problem (an earlier chat turn; \"\": zero-shot)",
+        "prompt.example_solution": "the example's solution: steps separated by the delimiter, a boxed final answer",
+        "prompt.system": "system message of the search prompt (\"\": none)"}),
+    "linearize.ks": Key(tuple(_LINEARIZE.ks), "backtracks k of the traces per solved tree (0 = a direct trace)",
+                        satisfies(lambda ks: len(ks) > 0 and all(k >= 0 for k in ks),
+                                  "must be a non-empty tuple of k >= 0")),
+    "linearize.attempts": Key(_LINEARIZE.attempts, "draws per trace before a duplicate of an earlier trace is dropped",
+                              at_least(1)),
+    "linearize.seed": Key(_LINEARIZE.seed, "seed of the traces' draws"),
+    "self_eval.enabled": Key(True, "keep only correct solutions the policy itself judges correct"),
+    "self_eval.votes": Key(8, "votes sampled per correct solution", at_least(1)),
+    "self_eval.rule": Key("unanimous", "'unanimous' (every vote yes) or 'majority' (more than half)",
+                          satisfies(lambda v: v in ("unanimous", "majority"), "must be 'unanimous' or 'majority'")),
+    "self_eval.prompt": Key(linearize.SELF_EVAL_PROMPT, "vote prompt with {problem} and {solution}; a vote ends with "
+                            "'Verdict: Yes/No'", _template(("problem", "solution"))),
+    "self_eval.temperature": Key(0.7, "sampling temperature of the votes", at_least(0)),
+    "self_eval.max_new_tokens": Key(256, "token budget of one vote", at_least(1)),
+    "self_eval.seed": Key(0, "seed of the votes"),
+    "render.q_threshold": Key(_RENDER.q_threshold, "positive reflection after an intermediate step with Q >= this"),
+    "render.min_visits": Key(_RENDER.min_visits, "positive reflections only after steps whose Q rests on >= this many "
+                             "samples (0: search.rollouts, the M rollouts of one new child), never on one grafted "
+                             "rollout", at_least(0, "0: search.rollouts")),
+    "render.max_positive_per_segment": Key(_RENDER.max_positive_per_segment, "at most this many positive reflections "
+                                           "per forward segment", at_least(0)),
+    "render.positive_final": Key(_RENDER.positive_final, "positive reflection after the final answer"),
+    "render.quote_words": Key(_RENDER.quote_words, "longest quote of the target step in a backtrack sentence (words)",
+                              at_least(1)),
+    "render.seed": Key(_RENDER.seed, "seed of the phrase choices"),
+    **{f"render.templates.{kind}": Key(tuple(getattr(_TEMPLATES, kind)), f"paraphrases of the {kind} phrase"
+                                       + (" (with {step})" if kind == "backtrack" else ""), _templates_of(kind))
+       for kind in TEMPLATE_KINDS},
+    "rewrite.enabled": Key(False, "smooth each rendered step with the policy (one sample call per step)"),
+    "rewrite.prompt": Key(render.REWRITE_PROMPT, "few-shot rewriting prompt with {context} and {step} (literal braces "
+                          "doubled)", _template(("context", "step"))),
+    "rewrite.temperature": Key(0.0, "0 = greedy", at_least(0)),
+    "rewrite.max_new_tokens": Key(256, "token budget of one rewritten step", at_least(1)),
+    **common.VERIFIER_KEYS,
 }
 
 
 def defaults() -> ml_collections.ConfigDict:
-  from astro_jax.search import linearize, render
-  from astro_jax.search.mcts import SearchConfig
-  from astro_jax.prompts import PromptConfig
-  c = common.base_config("mcts")
-  c.checkpoint = ""  # required: the defaults are sized for an 8B+ policy with a long context (configs/mcts_8b.py)
-  c.tokenizer = ""
-  c.input = ""
-  c.limit = -1
-  c.output_dir = "outputs/mcts"
-  c.overwrite = False
-  c.batch_problems = 16
-  c.batch_size = 64
-  c.model = common.model_config()
-  c.search = ml_collections.ConfigDict({f.name: f.default for f in dataclasses.fields(SearchConfig)})
-  c.prompt = ml_collections.ConfigDict(dataclasses.asdict(PromptConfig()))
-  lin = linearize.LinearizeConfig()
-  c.linearize = ml_collections.ConfigDict({"ks": tuple(lin.ks), "attempts": lin.attempts, "seed": lin.seed})
-  c.self_eval = ml_collections.ConfigDict({"enabled": True, "votes": 8, "rule": "unanimous",
-                                           "prompt": linearize.SELF_EVAL_PROMPT, "temperature": 0.7,
-                                           "max_new_tokens": 256, "seed": 0})
-  rc, t = render.RenderConfig(), render.Templates()
-  c.render = ml_collections.ConfigDict({"q_threshold": rc.q_threshold, "min_visits": rc.min_visits,
-                                        "max_positive_per_segment": rc.max_positive_per_segment,
-                                        "positive_final": rc.positive_final, "quote_words": rc.quote_words,
-                                        "seed": rc.seed})
-  c.render.templates = ml_collections.ConfigDict({k: tuple(getattr(t, k)) for k in TEMPLATE_KINDS})
-  c.rewrite = ml_collections.ConfigDict({"enabled": False, "prompt": render.REWRITE_PROMPT, "temperature": 0.0,
-                                         "max_new_tokens": 256})
-  c.verifier = common.verifier_config()
-  return c
+  return config_keys.defaults(KEYS)
 
 
 # --- config -> objects --------------------------------------------------------------------------------------------
@@ -189,33 +215,11 @@ def user_prompt(c: ml_collections.ConfigDict):
 
 # --- checks -------------------------------------------------------------------------------------------------------
 
-def _check_template(key: str, template: str, fields: tuple[str, ...]) -> None:
-  try:
-    template.format(**{f: "x" for f in fields})
-  except (KeyError, IndexError, ValueError) as e:
-    common.require(False, key, template[:60] + ("..." if len(template) > 60 else ""),
-                   f"must be a str.format template with only {{{'}, {'.join(fields)}}} ({type(e).__name__}: {e}; "
-                   f"double literal braces)")
-  for f in fields:
-    common.require("{" + f + "}" in template, key, template[:60] + "...", f"must contain {{{f}}}")
-
-
 def check(config: ml_collections.ConfigDict) -> None:
-  """Config values, before anything is read or written."""
+  """Config values (each key's own check, the search's rules, the worked example), before anything is read."""
   from astro_jax import verifier
-  from astro_jax.search import render
   from astro_jax.search.mcts import search_config_problems
-  common.check_base(config)
-  common.require(bool(config.input), "input", config.input,
-                 "name a JSONL with id, problem, answer per row, or a bundled benchmark (math500, amc23, aime24, "
-                 "gsm8k)")
-  common.require(config.limit >= -1 and config.limit != 0, "limit", config.limit,
-                 "must be >= 1, or -1 for all problems")
-  common.require(bool(config.output_dir), "output_dir", config.output_dir, "an output directory is required")
-  common.require(not Path(config.output_dir).is_file(), "output_dir", config.output_dir,
-                 "is a file; name a directory")
-  common.require(config.batch_problems >= 1, "batch_problems", config.batch_problems, "must be >= 1")
-  common.require(config.batch_size >= 1, "batch_size", config.batch_size, "must be >= 1")
+  common.check_base(config, KEYS)
   common.require_none(search_config_problems(config.search), "search.")
   p = config.prompt
   if p.example_problem:
@@ -224,30 +228,6 @@ def check(config: ml_collections.ConfigDict) -> None:
     common.require(verifier.extract_answer(p.example_solution, fallbacks=("boxed",)) is not None,
                    "prompt.example_solution", p.example_solution[-60:],
                    "must end with a boxed final answer (the search's terminals are steps with \\boxed{})")
-  common.require(all(k >= 0 for k in config.linearize.ks) and len(config.linearize.ks) > 0, "linearize.ks",
-                 config.linearize.ks, "must be a non-empty tuple of k >= 0")
-  common.require(config.linearize.attempts >= 1, "linearize.attempts", config.linearize.attempts, "must be >= 1")
-  s = config.self_eval
-  common.require(s.votes >= 1, "self_eval.votes", s.votes, "must be >= 1")
-  common.require(s.rule in ("unanimous", "majority"), "self_eval.rule", s.rule, "must be 'unanimous' or 'majority'")
-  common.require(s.temperature >= 0, "self_eval.temperature", s.temperature, "must be >= 0")
-  common.require(s.max_new_tokens >= 1, "self_eval.max_new_tokens", s.max_new_tokens, "must be >= 1")
-  _check_template("self_eval.prompt", s.prompt, ("problem", "solution"))
-  r = config.render
-  common.require(r.min_visits >= 0, "render.min_visits", r.min_visits, "must be >= 0 (0: search.rollouts)")
-  common.require(r.max_positive_per_segment >= 0, "render.max_positive_per_segment", r.max_positive_per_segment,
-                 "must be >= 0")
-  common.require(r.quote_words >= 1, "render.quote_words", r.quote_words, "must be >= 1")
-  for kind in TEMPLATE_KINDS:
-    try:
-      render.Templates.from_config({kind: r.templates[kind]})
-    except (ValueError, TypeError) as e:
-      raise common.ConfigError(f"config key 'render.templates.{kind}': {e}") from None
-  w = config.rewrite
-  common.require(w.temperature >= 0, "rewrite.temperature", w.temperature, "must be >= 0")
-  common.require(w.max_new_tokens >= 1, "rewrite.max_new_tokens", w.max_new_tokens, "must be >= 1")
-  _check_template("rewrite.prompt", w.prompt, ("context", "step"))
-  common.check_verifier(config)
 
 
 load_problems = common.load_input_problems  # input + limit, every problem with an answer

@@ -51,7 +51,8 @@ from typing import Any
 
 import ml_collections
 
-from astro_jax import stages
+from astro_jax import config_keys, stages
+from astro_jax.config_keys import Key, Keys, all_of, changed, given, satisfies
 from astro_jax.errors import ConfigError, UserError
 from astro_jax.stages import common
 
@@ -78,22 +79,27 @@ OUTPUTS = {"mcts": ("sft.jsonl", "direct.jsonl", "summary.json"), "eval": ("summ
 DONE = ("done", "skipped")  # statuses of a finished stage (skipped: found finished by a later run)
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
-HELP = {
-    "checkpoint": "the base model (mcts policy, base eval, start of both arms' sft): Orbax or HF directory, or an "
-                  "asset (asset:smollm2); required",
-    "problems": "train problems: JSONL with id, problem, answer (the search's problems and the RL prompts); required",
-    "test": "held-out problems: JSONL paths or benchmark names (math500, amc23, aime24, gsm8k), comma-separated; "
-            "must share no problem with `problems`; required",
-    "arms": "astro (ASTRO traces), direct (the count-matched direct traces), or astro,direct: one mcts run for both",
-    "output_dir": "the run directory: mcts/, base/eval/, <arm>/{sft,eval_sft,difficulty,rl,eval_rl}/, "
-                  "pipeline.json; required",
-    "overwrite": "redo finished stages whose settings changed, and the stages they feed (else those are refused)",
-    "prompt.instruction": "appended to every problem (search, difficulty, rl, eval; the SFT rows' user turn)",
-    "prompt.example_problem": "a worked example's problem as an earlier chat turn (\"\": zero-shot)",
-    "prompt.example_solution": "the example's solution: steps separated by blank lines, a boxed final answer",
-    "prompt.system": "system message (\"\": none)",
-    "compile_cache_dir": "JAX's persistent compilation cache of every stage (\"\": off); a restarted run does not "
-                         "recompile",
+KEYS: Keys = {  # the pipeline's own keys; each sub-config is that stage's KEYS (SUBCONFIGS)
+    **changed(common.base_keys("pipeline"), drop=("seed",),  # every stage has its own seeds
+              helps={"compile_cache_dir": "JAX's persistent compilation cache of every stage (\"\": off); a "
+                                          "restarted run does not recompile"}),
+    "checkpoint": Key("", "the base model (mcts policy, base eval, start of both arms' sft): Orbax or HF directory, "
+                      "or an asset (asset:smollm2); required", given("the base model is required")),
+    "problems": Key("", "train problems: JSONL with id, problem, answer (the search's problems and the RL prompts); "
+                    "required", satisfies(lambda v: bool(v.strip()), "a JSONL of train problems is required")),
+    "test": Key("", "held-out problems: JSONL paths or benchmark names (math500, amc23, aime24, gsm8k), "
+                "comma-separated; must share no problem with `problems`; required",
+                satisfies(lambda v: bool(v.strip()), "held-out problems (JSONL or benchmark names) are required")),
+    "arms": Key("astro", "astro (ASTRO traces), direct (the count-matched direct traces), or astro,direct: one mcts "
+                "run for both"),
+    "output_dir": Key("", "the run directory: mcts/, base/eval/, <arm>/{sft,eval_sft,difficulty,rl,eval_rl}/, "
+                      "pipeline.json; required",
+                      all_of(given("a run directory is required"), common.not_a_file)),
+    "overwrite": Key(False, "redo finished stages whose settings changed, and the stages they feed (else those are "
+                     "refused)"),
+    **changed(common.prompt_keys(worked_example=True), helps={
+        "prompt.instruction": "appended to every problem (search, difficulty, rl, eval; the SFT rows' user turn)",
+        "prompt.example_solution": "the example's solution: steps separated by blank lines, a boxed final answer"}),
 }
 
 
@@ -110,16 +116,7 @@ RENAMED = _renamed()
 
 
 def defaults() -> ml_collections.ConfigDict:
-  from astro_jax.search.policy import PromptConfig
-  c = common.base_config("pipeline")
-  del c["seed"]  # every stage has its own seeds
-  c.checkpoint = ""
-  c.problems = ""
-  c.test = ""
-  c.arms = "astro"
-  c.output_dir = ""
-  c.overwrite = False
-  c.prompt = ml_collections.ConfigDict(dataclasses.asdict(PromptConfig()))
+  c = config_keys.defaults(KEYS)
   for name in SUBCONFIGS:
     c[name] = stages.get(name).defaults()
   return c
@@ -210,13 +207,7 @@ def dependents(steps: list[Step], name: str) -> set[str]:
 
 def check(config: ml_collections.ConfigDict) -> None:
   """The pipeline's own keys and the keys it sets in the sub-configs, before anything is read."""
-  common.check_base(config)
-  r = common.require
-  r(bool(config.checkpoint), "checkpoint", config.checkpoint, "the base model is required")
-  r(bool(config.problems.strip()), "problems", config.problems, "a JSONL of train problems is required")
-  r(bool(config.test.strip()), "test", config.test, "held-out problems (JSONL or benchmark names) are required")
-  r(bool(config.output_dir), "output_dir", config.output_dir, "a run directory is required")
-  r(not Path(config.output_dir).is_file(), "output_dir", config.output_dir, "is a file; name a directory")
+  common.check_base(config, KEYS)
   arms(config)
   for name in SUBCONFIGS:
     reference = stages.defaults(name)

@@ -66,124 +66,93 @@ from typing import Callable
 
 import ml_collections
 
+from astro_jax import config_keys
+from astro_jax.config_keys import Key, Keys, above, at_least, changed, finite, given, one_of, satisfies, within
 from astro_jax.errors import UserError
 from astro_jax.stages import common
 from astro_jax.train import config as train_config
+from astro_jax.train import policy_loss, rollouts
 
 # What shapes the run's numbers: a resumed run must have the same.
 _RUN_KEYS = ("checkpoint", "tokenizer", "prompts", "seed", "steps", "batch_prompts", "group_size", "minibatches",
-             "grad_accum", "max_prompt_tokens", "train_tokens", "packed_rows", "loss_chunk", "dynamic_sampling", "max_sampling_rounds", "model",
-             "optimizer", "sampling", "loss", "reward", "prompt", "eval")
+             "grad_accum", "max_prompt_tokens", "train_tokens", "packed_rows", "loss_chunk", "dynamic_sampling",
+             "max_sampling_rounds", "model", "optimizer", "sampling", "loss", "reward", "prompt", "eval")
 _INPUT_KEYS = ("checkpoint", "tokenizer", "prompts", "eval.benchmarks")  # recorded as paths + content fingerprints
 
-HELP = {
-    "seed": "prompt order, minibatch assignment and the shuffled-reward control (samples: sampling.seed)",
-    "checkpoint": "the start model (the SFT checkpoint): Orbax or HF directory, a training run's step "
-                  "(RUN/checkpoints/N), or an asset (asset:smollm2); required",
-    "prompts": "JSONL of problems (id, problem, answer), e.g. the difficulty stage's prompts.jsonl; required",
-    "output_dir": "the run directory; required",
-    "overwrite": "replace a run already in output_dir",
-    "resume": "continue the run in output_dir from its newest checkpoint",
-    "steps": "RL steps (each: sample, score, update)",
-    "batch_prompts": "prompt groups per step (all processes together)",
-    "group_size": "G: responses per prompt",
-    "minibatches": "optimizer updates per step, each on batch_prompts x group_size / minibatches rows",
-    "grad_accum": "micro-batches per update",
-    "max_prompt_tokens": "longest prompt (tokens); rows are max_prompt_tokens + sampling.max_new_tokens long",
-    "train_tokens": "pack the update's (prompt + response) sequences into rows of N tokens (0: one response a row "
-                    "of max_prompt_tokens + sampling.max_new_tokens, padded); >= that sum",
-    "packed_rows": "with train_tokens: packed rows per micro-batch (0: room for its responses at half the budget); "
-                   "a step that needs more spills into another micro-batch (metric spilled_micro_batches)",
-    "loss_chunk": "positions whose logits are computed at once in the loss",
-    "dynamic_sampling": "drop groups whose responses are all right or all wrong and sample more prompts to refill "
-                        "the batch",
-    "max_sampling_rounds": "most sampling rounds per step with dynamic_sampling (rows left unfilled weigh 0)",
-    "max_empty_steps": "stop after this many steps in a row that keep no group (dynamic_sampling: all right or all "
-                       "wrong; the model may be broken)",
-    "save_every": "checkpoint every N steps (and at the end)",
-    "keep": "checkpoints kept (the newest)",
-    "async_checkpoint": "write checkpoints in the background",
-    "export_hf": "write the final weights to output_dir/hf as a HF checkpoint",
-    "peak_flops": "peak FLOP/s of one device (0: from the device kind)",
-    "accelerator": "the memory plan's device (tools/plan_memory.py): tpu_v5p, tpu_v5e, tpu_v4, h100, h200, a100",
-    "sampler.dtype": "the sampler's weights and compute: float32 or bfloat16 (cast from the trained params)",
-    "sampler.cache_dtype": "KV cache dtype (\"\": sampler.dtype)",
-    "sampler.max_batch": "rows (prompts x G) per sampler program; does not change results",
-    "sampling.temperature": "sampling temperature (> 0; the trainer scores with the same)",
-    "sampling.top_p": "nucleus mass (1: off; < 1 makes the sampler's log-probs those of a truncated distribution)",
-    "sampling.top_k": "0 = off (see top_p)",
-    "sampling.max_new_tokens": "response budget (tokens); a response that reaches it is truncated",
-    "sampling.stop": "strings that end a response",
-    "sampling.seed": "with (epoch, problem id, sample index), all the sampling randomness",
-    "loss.aggregation": "token-mean (DAPO), seq-mean-token-mean (GRPO), seq-mean-token-sum-norm (Dr. GRPO)",
-    "loss.eps_low": "clip the ratio below at 1 - eps_low",
-    "loss.eps_high": "clip the ratio above at 1 + eps_high (DAPO's clip-higher: 0.28)",
-    "loss.scale_std": "divide advantages by the group's std (GRPO; Dr. GRPO: false)",
-    "loss.beta": "k3 KL coefficient to the frozen start model (0: no reference model is held)",
-    "loss.tis_cap": "token-level truncated importance sampling: weight each token by min(p_trainer / p_sampler, cap) "
-                    "(0: off; else >= 1)",
-    "reward.correct": "reward of a correct final answer",
-    "reward.wrong": "reward of a wrong or missing one",
-    "reward.overlong": "truncated responses: none, mask (out of the loss), penalty (DAPO's soft overlong penalty)",
-    "reward.overlong_buffer": "penalty: the last N tokens of the budget, over which the penalty ramps up",
-    "reward.overlong_penalty": "penalty: its size at the budget",
-    "reward.shuffle": "control experiment: permute the rewards across each round's responses (learning is noise)",
-    **common.PROMPT_HELP,
-    "eval.every": "evaluate every N steps and at the end (0: never)",
-    "eval.benchmarks": "comma-separated: math500, amc23, aime24, gsm8k, or JSONL paths",
-    "eval.limit": "the first N problems of each benchmark (-1: all)",
-    "eval.samples": "k responses per problem (pass@1 averaged over k, maj@k)",
-    "eval.temperature": "eval sampling temperature",
-    "eval.top_p": "eval nucleus mass",
-    "eval.max_new_tokens": "eval response budget (0: sampling.max_new_tokens)",
-    **train_config.HELP,
+_GROUP = "advantages are relative to the group"
+KEYS: Keys = {
+    **common.base_keys("rl"),
+    "seed": Key(0, "prompt order, minibatch assignment and the shuffled-reward control (samples: sampling.seed)"),
+    "checkpoint": Key("", "the start model (the SFT checkpoint): Orbax or HF directory, a training run's step "
+                      "(RUN/checkpoints/N), or an asset (asset:smollm2); required",
+                      given("a start checkpoint is required")),
+    "tokenizer": common.TOKENIZER,
+    "prompts": Key("", "JSONL of problems (id, problem, answer), e.g. the difficulty stage's prompts.jsonl; required",
+                   given("a JSONL of problems (id, problem, answer) is required")),
+    "steps": Key(100, "RL steps (each: sample, score, update)", at_least(1)),
+    "batch_prompts": Key(32, "prompt groups per step (all processes together)", at_least(1)),
+    "group_size": Key(4, "G: responses per prompt", at_least(2, _GROUP)),
+    "minibatches": Key(1, "optimizer updates per step, each on batch_prompts x group_size / minibatches rows"),
+    **changed(train_config.LOOP_KEYS, defaults={"save_every": 10}),
+    "max_prompt_tokens": Key(512, "longest prompt (tokens); rows are max_prompt_tokens + sampling.max_new_tokens long",
+                             at_least(1)),
+    "train_tokens": Key(0, "pack the update's (prompt + response) sequences into rows of N tokens (0: one response a "
+                        "row of max_prompt_tokens + sampling.max_new_tokens, padded); >= that sum"),
+    "packed_rows": Key(0, "with train_tokens: packed rows per micro-batch (0: room for its responses at half the "
+                       "budget); a step that needs more spills into another micro-batch (metric spilled_micro_batches)",
+                       at_least(0, "0: sized from the budget")),
+    "loss_chunk": Key(512, "positions whose logits are computed at once in the loss", at_least(1)),
+    "dynamic_sampling": Key(True, "drop groups whose responses are all right or all wrong and sample more prompts to "
+                            "refill the batch"),
+    "max_sampling_rounds": Key(3, "most sampling rounds per step with dynamic_sampling (rows left unfilled weigh 0)",
+                               at_least(1)),
+    "max_empty_steps": Key(3, "stop after this many steps in a row that keep no group (dynamic_sampling: all right "
+                           "or all wrong; the model may be broken)", at_least(1)),
+    **changed(train_config.MODEL_KEYS,
+              helps={"model.dtype": "the trainer's compute dtype (matmuls and activations): float32 or bfloat16"}),
+    "sampler.dtype": Key("float32", "the sampler's weights and compute: float32 or bfloat16 (cast from the trained "
+                         "params)", one_of(common.DTYPES)),
+    "sampler.cache_dtype": Key("", "KV cache dtype (\"\": sampler.dtype)", one_of(common.DTYPES, blank_ok=True)),
+    "sampler.max_batch": Key(64, "rows (prompts x G) per sampler program; does not change results"),
+    **changed(common.RL_SAMPLING_KEYS, checks={"sampling.temperature": above(
+        0, "RL samples; greedy responses have no log-probs to train on")}),
+    "loss.aggregation": Key("token-mean", "token-mean (DAPO), seq-mean-token-mean (GRPO), seq-mean-token-sum-norm "
+                            "(Dr. GRPO)", one_of(policy_loss.AGGREGATIONS)),
+    "loss.eps_low": Key(0.2, "clip the ratio below at 1 - eps_low", within(0, 1, upper_open=True)),
+    "loss.eps_high": Key(0.28, "clip the ratio above at 1 + eps_high (DAPO's clip-higher: 0.28)", at_least(0)),
+    "loss.scale_std": Key(True, "divide advantages by the group's std (GRPO; Dr. GRPO: false)"),
+    "loss.beta": Key(0.0, "k3 KL coefficient to the frozen start model (0: no reference model is held)",
+                     finite(at_least(0, "0: no KL term"))),
+    "loss.tis_cap": Key(0.0, "token-level truncated importance sampling: weight each token by min(p_trainer / "
+                        "p_sampler, cap) (0: off; else >= 1)",
+                        satisfies(lambda v: v == 0 or (v >= 1 and math.isfinite(v)),
+                                  "must be 0 (off) or a finite number >= 1")),
+    "reward.correct": Key(1.0, "reward of a correct final answer", finite()),
+    "reward.wrong": Key(-1.0, "reward of a wrong or missing one", finite()),
+    "reward.overlong": Key("none", "truncated responses: none, mask (out of the loss), penalty (DAPO's soft overlong "
+                           "penalty)", one_of(rollouts.OVERLONG)),
+    "reward.overlong_buffer": Key(0, "penalty: the last N tokens of the budget, over which the penalty ramps up"),
+    "reward.overlong_penalty": Key(1.0, "penalty: its size at the budget", finite()),
+    "reward.shuffle": Key(False, "control experiment: permute the rewards across each round's responses (learning "
+                          "is noise)"),
+    **common.prompt_keys(),
+    "eval.every": Key(0, "evaluate every N steps and at the end (0: never)", at_least(0, "0: never")),
+    "eval.benchmarks": Key("", "comma-separated: math500, amc23, aime24, gsm8k, or JSONL paths"),
+    "eval.limit": Key(-1, "the first N problems of each benchmark (-1: all)",
+                      satisfies(lambda v: v >= -1, "must be >= 0, or -1 for all problems")),
+    "eval.samples": Key(4, "k responses per problem (pass@1 averaged over k, maj@k)", at_least(1)),
+    "eval.temperature": Key(0.6, "eval sampling temperature", at_least(0)),
+    "eval.top_p": Key(0.95, "eval nucleus mass", satisfies(lambda v: 0 < v <= 1, "must be in (0, 1]")),
+    "eval.max_new_tokens": Key(0, "eval response budget (0: sampling.max_new_tokens)",
+                               at_least(0, "0: sampling.max_new_tokens")),
+    **common.VERIFIER_KEYS,
+    **changed(train_config.OPTIMIZER_KEYS, defaults={"optimizer.lr": 1e-6, "optimizer.schedule": "constant",
+                                                     "optimizer.warmup_fraction": 0.0}),
 }
-HELP["model.dtype"] = "the trainer's compute dtype (matmuls and activations): float32 or bfloat16"
 
 
 def defaults() -> ml_collections.ConfigDict:
-  c = common.base_config("rl")
-  c.checkpoint = ""
-  c.tokenizer = ""
-  c.prompts = ""
-  c.output_dir = ""
-  c.overwrite = False
-  c.resume = False
-  c.steps = 100
-  c.batch_prompts = 32
-  c.group_size = 4
-  c.minibatches = 1
-  c.grad_accum = 1
-  c.max_prompt_tokens = 512
-  c.train_tokens = 0
-  c.packed_rows = 0
-  c.loss_chunk = 512
-  c.dynamic_sampling = True
-  c.max_sampling_rounds = 3
-  c.max_empty_steps = 3
-  c.save_every = 10
-  c.keep = 3
-  c.async_checkpoint = True
-  c.export_hf = True
-  c.peak_flops = 0.0
-  c.accelerator = ""
-  c.model = train_config.train_model_config()
-  c.sampler = ml_collections.ConfigDict({"dtype": "float32", "cache_dtype": "", "max_batch": 64})
-  c.sampling = common.rl_sampling_config()
-  c.loss = ml_collections.ConfigDict({"aggregation": "token-mean", "eps_low": 0.2, "eps_high": 0.28,
-                                      "scale_std": True, "beta": 0.0,
-                                      "tis_cap": 0.0})
-  c.reward = ml_collections.ConfigDict({"correct": 1.0, "wrong": -1.0, "overlong": "none", "overlong_buffer": 0,
-                                        "overlong_penalty": 1.0, "shuffle": False})
-  c.prompt = common.prompt_config()
-  c.eval = ml_collections.ConfigDict({"every": 0, "benchmarks": "", "limit": -1, "samples": 4,
-                                      "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 0})
-  c.verifier = common.verifier_config()
-  c.optimizer = train_config.optimizer_config()
-  c.optimizer.lr = 1e-6
-  c.optimizer.schedule = "constant"
-  c.optimizer.warmup_fraction = 0.0
-  return c
+  return config_keys.defaults(KEYS)
 
 
 def rows_per_update(config: ml_collections.ConfigDict) -> int:
@@ -202,61 +171,27 @@ def seq_len(config: ml_collections.ConfigDict) -> int:
 
 
 def check(config: ml_collections.ConfigDict) -> None:
-  from astro_jax.train import policy_loss, rollouts
-  common.check_base(config)
+  """Each key's own check (KEYS), then what relates several keys."""
+  common.check_base(config, KEYS)
   r = common.require
-  r(config.batch_prompts >= 1, "batch_prompts", config.batch_prompts, "must be >= 1")
-  r(config.group_size >= 2, "group_size", config.group_size, "must be >= 2 (advantages are relative to the group)")
-  r(config.minibatches >= 1 and (config.batch_prompts * config.group_size) % config.minibatches == 0,
+  r((config.batch_prompts * config.group_size) % config.minibatches == 0 and config.minibatches >= 1,
     "minibatches", config.minibatches,
     f"must be >= 1 and divide batch_prompts x group_size = {config.batch_prompts * config.group_size}")
   train_config.check_train(config, rows_per_update(config), update_rows_from(config))
-  r(config.steps >= 1, "steps", config.steps, "must be >= 1")
-  r(bool(config.checkpoint), "checkpoint", config.checkpoint, "a start checkpoint is required")
-  r(bool(config.prompts), "prompts", config.prompts, "a JSONL of problems (id, problem, answer) is required")
-  r(config.max_prompt_tokens >= 1, "max_prompt_tokens", config.max_prompt_tokens, "must be >= 1")
-  r(config.loss_chunk >= 1, "loss_chunk", config.loss_chunk, "must be >= 1")
-  r(config.max_sampling_rounds >= 1, "max_sampling_rounds", config.max_sampling_rounds, "must be >= 1")
-  r(config.max_empty_steps >= 1, "max_empty_steps", config.max_empty_steps, "must be >= 1")
-  r(config.sampler.dtype in common.DTYPES, "sampler.dtype", config.sampler.dtype, f"must be one of {common.DTYPES}")
-  r(config.sampler.cache_dtype in ("",) + common.DTYPES, "sampler.cache_dtype", config.sampler.cache_dtype,
-    f"must be \"\" or one of {common.DTYPES}")
   r(config.sampler.max_batch >= config.group_size, "sampler.max_batch", config.sampler.max_batch,
     f"must hold one prompt's group (>= group_size = {config.group_size})")
-  sampling = ml_collections.ConfigDict({**config.sampling.to_dict(), "n": config.group_size})
-  common.check_sampling(sampling)
-  r(config.sampling.temperature > 0, "sampling.temperature", config.sampling.temperature,
-    "must be > 0 (RL samples; greedy responses have no log-probs to train on)")
-  L = config.loss
-  r(L.aggregation in policy_loss.AGGREGATIONS, "loss.aggregation", L.aggregation,
-    f"must be one of {policy_loss.AGGREGATIONS}")
-  r(0 <= L.eps_low < 1, "loss.eps_low", L.eps_low, "must be in [0, 1)")
-  r(L.eps_high >= 0, "loss.eps_high", L.eps_high, "must be >= 0")
-  r(L.beta >= 0 and math.isfinite(L.beta), "loss.beta", L.beta, "must be >= 0 (0: no KL term)")
-  r(L.tis_cap == 0 or (L.tis_cap >= 1 and math.isfinite(L.tis_cap)), "loss.tis_cap", L.tis_cap,
-    "must be 0 (off) or a finite number >= 1")
+  common.check_sampling(config.sampling, n=config.group_size)
   r(config.train_tokens == 0 or config.train_tokens >= seq_len(config), "train_tokens", config.train_tokens,
     f"must be 0 (padded rows) or >= max_prompt_tokens + sampling.max_new_tokens = {seq_len(config)} (a whole "
     f"response fits a row)")
-  r(config.packed_rows >= 0, "packed_rows", config.packed_rows, "must be >= 0 (0: sized from the budget)")
   R = config.reward
-  for key in ("correct", "wrong", "overlong_penalty"):
-    r(math.isfinite(R[key]), f"reward.{key}", R[key], "must be a finite number")
   r(R.correct > R.wrong, "reward.correct", R.correct, f"must be > reward.wrong ({R.wrong})")
-  r(R.overlong in rollouts.OVERLONG, "reward.overlong", R.overlong, f"must be one of {rollouts.OVERLONG}")
   r(0 <= R.overlong_buffer <= config.sampling.max_new_tokens, "reward.overlong_buffer", R.overlong_buffer,
     f"must be in [0, sampling.max_new_tokens = {config.sampling.max_new_tokens}]")
   r(not (R.overlong == "penalty" and R.overlong_buffer == 0), "reward.overlong_buffer", R.overlong_buffer,
     "must be > 0 with reward.overlong = penalty")
   E = config.eval
-  r(E.every >= 0, "eval.every", E.every, "must be >= 0 (0: never)")
   r(not (E.every and not E.benchmarks.strip()), "eval.benchmarks", E.benchmarks, "name a benchmark for eval.every")
-  r(E.limit >= -1, "eval.limit", E.limit, "must be >= 0, or -1 for all problems")
-  r(E.samples >= 1, "eval.samples", E.samples, "must be >= 1")
-  r(E.temperature >= 0, "eval.temperature", E.temperature, "must be >= 0")
-  r(0 < E.top_p <= 1, "eval.top_p", E.top_p, "must be in (0, 1]")
-  r(E.max_new_tokens >= 0, "eval.max_new_tokens", E.max_new_tokens, "must be >= 0 (0: sampling.max_new_tokens)")
-  common.check_verifier(config)
 
 
 def make_trainer(config: ml_collections.ConfigDict, model_cfg, sharder):

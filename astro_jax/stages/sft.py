@@ -33,91 +33,59 @@ from pathlib import Path
 import ml_collections
 
 from astro_jax.errors import UserError
+from astro_jax import config_keys
+from astro_jax.config_keys import Key, Keys, at_least, changed, given, one_of, within
 from astro_jax.stages import common
 from astro_jax.train import config as train_config
+from astro_jax.train import data as train_data
 
 # What shapes the run's numbers: a resumed run must have the same.
 _RUN_KEYS = ("checkpoint", "tokenizer", "data", "eval_data", "eval_fraction", "seed", "steps", "batch_size",
              "grad_accum", "seq_len", "max_length", "loss_on", "overlong", "on_error", "loss_chunk", "model",
              "optimizer")
 _INPUT_KEYS = ("checkpoint", "tokenizer", "data", "eval_data")  # recorded as resolved paths + content fingerprints
-HELP = {
-    "seed": "data order (shuffle before packing and each epoch)",
-    "checkpoint": "the start model: Orbax or HF checkpoint directory, a training run's step (RUN/checkpoints/N), or "
-                  "an asset (asset:smollm2); required",
-    "data": "JSONL of chat examples: messages (the mcts stage's sft.jsonl), or prompt + response; required",
-    "eval_data": "held-out JSONL for the eval loss (\"\": take eval_fraction of data)",
-    "eval_fraction": "fraction of data held out for the eval loss, chosen by each example's id",
-    "eval_every": "held-out loss every N steps (0: never)",
-    "output_dir": "the run directory; required",
-    "overwrite": "replace a run already in output_dir",
-    "resume": "continue the run in output_dir from its newest checkpoint",
-    "steps": "optimizer steps (0: one epoch of packed rows)",
-    "batch_size": "packed rows per step (all processes together)",
-    "grad_accum": "micro-batches per step (batch_size / grad_accum rows each)",
-    "seq_len": "tokens per packed row",
-    "max_length": "longest example (0: seq_len); longer ones per `overlong`",
-    "loss_on": "all (every token, the paper's choice) or assistant (assistant turns only)",
-    "overlong": "truncate or drop examples longer than max_length (counted either way)",
-    "on_error": "raise on a bad row, or skip it (counted)",
-    "loss_chunk": "positions whose logits are computed at once in the loss",
-    "save_every": "checkpoint every N steps (and at the end)",
-    "keep": "checkpoints kept (the newest)",
-    "async_checkpoint": "write checkpoints in the background",
-    "export_hf": "write the final weights to output_dir/hf as a HF checkpoint",
-    "peak_flops": "peak FLOP/s of one device for MFU (0: from the device kind)",
-    "accelerator": "the memory plan's device (tools/plan_memory.py): tpu_v5p, tpu_v5e, tpu_v4, h100, h200, a100",
-    **train_config.HELP,
+KEYS: Keys = {
+    **common.base_keys("sft"),
+    "seed": Key(0, "data order (shuffle before packing and each epoch)"),
+    "checkpoint": Key("", "the start model: Orbax or HF checkpoint directory, a training run's step "
+                      "(RUN/checkpoints/N), or an asset (asset:smollm2); required",
+                      given("a start checkpoint is required")),
+    "tokenizer": common.TOKENIZER,
+    "data": Key("", "JSONL of chat examples: messages (the mcts stage's sft.jsonl), or prompt + response; required",
+                given("a JSONL of examples is required")),
+    "eval_data": Key("", "held-out JSONL for the eval loss (\"\": take eval_fraction of data)"),
+    "eval_fraction": Key(0.0, "fraction of data held out for the eval loss, chosen by each example's id",
+                         within(0, 1, upper_open=True)),
+    "eval_every": Key(0, "held-out loss every N steps (0: never)", at_least(0, "0: never")),
+    "steps": Key(0, "optimizer steps (0: one epoch of packed rows)", at_least(0, "0: one epoch")),
+    "batch_size": Key(8, "packed rows per step (all processes together)", at_least(1)),
+    **changed(train_config.LOOP_KEYS,
+              helps={"grad_accum": "micro-batches per step (batch_size / grad_accum rows each)",
+                     "peak_flops": "peak FLOP/s of one device for MFU (0: from the device kind)"}),
+    "seq_len": Key(2048, "tokens per packed row", at_least(2)),
+    "max_length": Key(0, "longest example (0: seq_len); longer ones per `overlong`"),
+    "loss_on": Key("all", "all (every token, the paper's choice) or assistant (assistant turns only)",
+                   one_of(train_data.LOSS_ON)),
+    "overlong": Key("truncate", "truncate or drop examples longer than max_length (counted either way)",
+                    one_of(train_data.OVERLONG)),
+    "on_error": Key("raise", "raise on a bad row, or skip it (counted)", one_of(train_data.ON_ERROR)),
+    "loss_chunk": Key(512, "positions whose logits are computed at once in the loss", at_least(1)),
+    **train_config.MODEL_KEYS,
+    **train_config.OPTIMIZER_KEYS,
 }
 
 
 def defaults() -> ml_collections.ConfigDict:
-  c = common.base_config("sft")
-  c.checkpoint = ""
-  c.tokenizer = ""
-  c.data = ""
-  c.eval_data = ""
-  c.eval_fraction = 0.0
-  c.eval_every = 0
-  c.output_dir = ""
-  c.overwrite = False
-  c.resume = False
-  c.steps = 0
-  c.batch_size = 8
-  c.grad_accum = 1
-  c.seq_len = 2048
-  c.max_length = 0
-  c.loss_on = "all"
-  c.overlong = "truncate"
-  c.on_error = "raise"
-  c.loss_chunk = 512
-  c.save_every = 100
-  c.keep = 3
-  c.async_checkpoint = True
-  c.export_hf = True
-  c.peak_flops = 0.0
-  c.accelerator = ""
-  c.model = train_config.train_model_config()
-  c.optimizer = train_config.optimizer_config()
-  return c
+  return config_keys.defaults(KEYS)
 
 
 def check(config: ml_collections.ConfigDict) -> None:
-  from astro_jax.train import data as train_data
-  common.check_base(config)
-  train_config.check_train(config)
+  """Each key's own check (KEYS), then what relates several keys."""
+  common.check_base(config, KEYS)
+  train_config.check_train(config, config.batch_size, ("batch_size", ""))
   r = common.require
-  r(bool(config.checkpoint), "checkpoint", config.checkpoint, "a start checkpoint is required")
-  r(bool(config.data), "data", config.data, "a JSONL of examples is required")
-  r(config.seq_len >= 2, "seq_len", config.seq_len, "must be >= 2")
   r(0 <= config.max_length <= config.seq_len, "max_length", config.max_length,
     f"must be in [0, seq_len = {config.seq_len}] (0: seq_len)")
-  r(config.loss_on in train_data.LOSS_ON, "loss_on", config.loss_on, f"must be one of {train_data.LOSS_ON}")
-  r(config.overlong in train_data.OVERLONG, "overlong", config.overlong, f"must be one of {train_data.OVERLONG}")
-  r(config.on_error in train_data.ON_ERROR, "on_error", config.on_error, f"must be one of {train_data.ON_ERROR}")
-  r(config.loss_chunk >= 1, "loss_chunk", config.loss_chunk, "must be >= 1")
-  r(0 <= config.eval_fraction < 1, "eval_fraction", config.eval_fraction, "must be in [0, 1)")
-  r(config.eval_every >= 0, "eval_every", config.eval_every, "must be >= 0 (0: never)")
   r(not (config.eval_every and not config.eval_data and not config.eval_fraction), "eval_every", config.eval_every,
     "needs held-out examples: set eval_data or eval_fraction")
 
