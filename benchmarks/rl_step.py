@@ -2,6 +2,7 @@
 
   python benchmarks/rl_step.py [--steps 3] [--config configs/rl_smollm2.py] [--max-new-tokens N] [--batch-prompts N]
   python benchmarks/rl_step.py --random-weights    # e.g. on a GPU machine without the checkpoint's weights
+  python benchmarks/rl_step.py --train-tokens 0,640   # the update padded vs packed, side by side in one run
 
 Runs `astro_jax.stages.rl.run` in-process on --config (default configs/rl_smollm2.py: 4 prompts x 4 responses,
 128 new tokens at T 0.7, rows of 256 + 128 tokens, one update a step, dynamic sampling up to 3 rounds) for --steps
@@ -33,6 +34,10 @@ at ~20 GiB resident. `--remat full` peaks at ~9.4 GiB (and is the faster CPU upd
 dtype: the config's (fp32 on CPU); on a GPU bfloat16 compute for the sampler and the trainer (fp32 master weights)
 unless --dtype says otherwise. `others` is the number of cores other processes kept busy during the step (this
 process and its verifier workers excluded): on a shared machine a step with others > 0.25 is not a clean measurement.
+
+Layouts: `--train-tokens 0,640` runs the stage once per value (0: one response a padded row of 256 + 128 tokens;
+640: the responses packed into rows of 640 tokens, the head only at response positions) with the same seeds, and
+prints the steady update time of each against the first.
 
 Results: a table, and rows merged into benchmarks/results/rl_step.json (rows of other devices kept, this device's
 replaced; `cpu` names the host CPU of every row).
@@ -184,7 +189,9 @@ def make_config(args: argparse.Namespace) -> tuple[ml_collections.ConfigDict, st
 def step_row(m: dict, s: dict, config, common: dict) -> dict:
   """One benchmark row from a metrics.jsonl row `m` and the instrumented sampler's record `s` of the same step."""
   wall, sync, sampling, training = (m["time_s"], m["time_weight_sync"], m["time_sampling"], m["time_training"])
-  n_rows, T = config.batch_prompts * config.group_size, rl.seq_len(config)
+  from astro_jax.rl.learner import LearnerConfig
+  lc = LearnerConfig.from_config(config)  # padded: rows x seq_len; packed: packed_rows x grad_accum of train_tokens
+  positions = lc.update_rows * lc.update_seq_len * config.minibatches
   sampled = m["tokens_per_s"] * wall
   host = sampling - s["prefill"] - s["decode"]
   return dict(
@@ -196,7 +203,8 @@ def step_row(m: dict, s: dict, config, common: dict) -> dict:
       sampled_tokens=int(round(sampled)), tokens_per_s=round(sampled / wall, 2),
       sampling_tokens_per_s=round(sampled / max(sampling, 1e-9), 2),
       decode_row_steps=s["row_steps"], decode_row_steps_per_s=round(s["row_steps"] / max(s["decode"], 1e-9), 2),
-      trained_positions=n_rows * T, trained_positions_per_s=round(n_rows * T / max(training, 1e-9), 2),
+      trained_positions=positions, trained_positions_per_s=round(positions / max(training, 1e-9), 2),
+      packed_fill=m.get("packed_fill"), spilled_micro_batches=m.get("spilled_micro_batches"),
       trained_tokens=m.get("tokens_trained"),
       trained_tokens_per_s=None if m.get("tokens_trained") is None else round(m["tokens_trained"] / training, 2),
       finished_row_fraction=round(m["finished_row_fraction"], 4), sampling_rounds=m["sampling_rounds"],
@@ -262,6 +270,9 @@ def main():
                   help="the checkpoint's config and tokenizer with random weights (where the weights are absent)")
   ap.add_argument("--wait-idle", type=float, default=30.0,
                   help="before the run wait up to this many seconds for other processes to go quiet (0: don't)")
+  ap.add_argument("--train-tokens", "--train_tokens", default="0",
+                  type=lambda v: [int(x) for x in v.split(",")],
+                  help="comma-separated train_tokens values, one run each (0: padded rows; e.g. 0,640: side by side)")
   ap.add_argument("--no-write", action="store_true", help="print the table only")
   args = ap.parse_args()
   if args.steps < 1:
@@ -278,6 +289,24 @@ def main():
   if args.wait_idle > 0:
     print(f"waited {wait_idle(args.wait_idle):.0f}s for the machine to go quiet", flush=True)
 
+  rows, steady = [], {}
+  for train_tokens in args.train_tokens:
+    config.train_tokens = train_tokens
+    layout_rows = run_layout(config, args, device, model)
+    print_table(layout_rows)
+    rows += layout_rows
+    last = layout_rows[-1]
+    steady[train_tokens] = last["time_training"] / last["steps"] if len(layout_rows) > 1 else None
+  if len(steady) > 1 and all(steady.values()):
+    base, *_ = args.train_tokens
+    print("update (time_training per steady step): " + "; ".join(
+        f"train_tokens {t}: {v:.1f} s = {v / steady[base]:.2f}x" for t, v in steady.items()))
+  if not args.no_write:
+    write_rows(Path(args.out), rows, device)
+
+
+def run_layout(config, args, device: str, model: str) -> list[dict]:
+  """One in-process run of the stage on `config`: its per-step rows (+ the steady steps summed)."""
   TimedSampler.steps, TimedSampler.probe = [], None
   with tempfile.TemporaryDirectory(prefix="rl_step_") as tmp:
     config.output_dir = str(Path(tmp) / "run")
@@ -289,22 +318,21 @@ def main():
     metrics = [json.loads(l) for l in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines() if l]
   if len(metrics) != len(TimedSampler.steps):
     raise RuntimeError(f"{len(metrics)} metrics rows but {len(TimedSampler.steps)} sampler step records")
-  print(f"run: {total:.0f}s in all (model loading, {args.steps} steps, the final checkpoint); load average at the end "
-        f"{load_average()}", flush=True)
+  print(f"run (train_tokens {config.train_tokens}): {total:.0f}s in all (model loading, {args.steps} steps, the final "
+        f"checkpoint); load average at the end {load_average()}", flush=True)
 
   common = dict(device=device, cpu=host_cpu(), model=model, config=_display_path(args.config),
                 dtype=f"trainer {config.model.dtype}, sampler {config.sampler.dtype}", remat=config.model.remat,
                 batch_prompts=config.batch_prompts, group_size=config.group_size,
                 rows=config.batch_prompts * config.group_size, seq_len=rl.seq_len(config),
-                max_new_tokens=config.sampling.max_new_tokens, temperature=config.sampling.temperature,
-                minibatches=config.minibatches, jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
-                code_version=code_version(), date=datetime.now(timezone.utc).strftime("%Y-%m-%d"))
+                train_tokens=config.train_tokens, max_new_tokens=config.sampling.max_new_tokens,
+                temperature=config.sampling.temperature, minibatches=config.minibatches, jax=jax.__version__,
+                xla_flags=os.environ.get("XLA_FLAGS", ""), code_version=code_version(),
+                date=datetime.now(timezone.utc).strftime("%Y-%m-%d"))
   rows = [step_row(m, s, config, common) for m, s in zip(metrics, TimedSampler.steps)]
   if len(rows) > 2:
     rows.append(summary_row(rows[1:]))
-  print_table(rows)
-  if not args.no_write:
-    write_rows(Path(args.out), rows, device)
+  return rows
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ value is the stage default scaled down, for these reasons:
 * Measured (benchmarks/results/rl_step.json, 2-core AMD EPYC, shared with other jobs): ~2 min a step after the
   first (5.5 min with its compiles): sampling 29% (decoding 16 rows of <= 128 tokens; 35% of the decoded row-steps
   on rows already finished), the update 71% (fwd + remat + bwd over every padded position).
+* Update layout: padded rows (train_tokens 0). `--config.train_tokens=640` packs the responses into 8 rows of 640
+  tokens: the same loss and gradients, 0.95x the update time on this CPU (benchmarks/rl_step.py --train-tokens 0,640).
 * Checkpoints every 4 steps, written synchronously; no compilation cache.
 * A whole run (8 steps, 2-core AMD EPYC, idle): 16 min; accuracy over each step's 16-48 samples 0.08, 0.19, 0.19,
   0.13, 0.19, 0.16, 0.25, 0.31 (too few samples to call it a trend), logprob_gap ~3e-6 per token, no clipped
