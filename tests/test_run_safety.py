@@ -162,7 +162,14 @@ def test_a_killed_overwrite_is_undone_by_the_next_run(finished, tiny_checkpoint,
                               **{"optimizer.lr": 1e-3}), cwd=REPO, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   deadline = time.time() + 300
-  while not (out / "run_config.json").exists() or not list(tmp_path.glob(".run.aside-*")):
+  def recorded() -> bool:  # the old run is set aside and the new one's settings are written in its place
+    config_path = out / "run_config.json"
+    try:
+      return config_path.read_bytes() != before["run_config.json"]
+    except FileNotFoundError:
+      return False
+
+  while not recorded():
     assert proc.poll() is None and time.time() < deadline, "the overwrite ended before it could be killed"
     time.sleep(0.01)
   proc.send_signal(signal.SIGKILL)  # the new run has recorded its settings, but has no checkpoint
