@@ -2,7 +2,7 @@
 
   python benchmarks/rl_step.py [--steps 3] [--config configs/rl_smollm2.py] [--max-new-tokens N] [--batch-prompts N]
   python benchmarks/rl_step.py --random-weights    # e.g. on a GPU machine without the checkpoint's weights
-  python benchmarks/rl_step.py --train-tokens 0,640   # the update padded vs packed, side by side in one run
+  python benchmarks/rl_step.py --layouts padded,packed:640,shared:704   # the update's layouts side by side
 
 Runs `astro_jax.stages.rl.run` in-process on --config (default configs/rl_smollm2.py: 4 prompts x 4 responses,
 128 new tokens at T 0.7, rows of 256 + 128 tokens, one update a step, dynamic sampling up to 3 rounds) for --steps
@@ -35,9 +35,10 @@ dtype: the config's (fp32 on CPU); on a GPU bfloat16 compute for the sampler and
 unless --dtype says otherwise. `others` is the number of cores other processes kept busy during the step (this
 process and its verifier workers excluded): on a shared machine a step with others > 0.25 is not a clean measurement.
 
-Layouts: `--train-tokens 0,640` runs the stage once per value (0: one response a padded row of 256 + 128 tokens;
-640: the responses packed into rows of 640 tokens, the head only at response positions) with the same seeds, and
-prints the steady update time of each against the first.
+Layouts: `--layouts padded,packed:640,shared:704` runs the stage once per layout with the same seeds (padded: one
+response a row of 256 + 128 tokens; packed: the (prompt + response) sequences packed into rows of 640 tokens;
+shared: packed with each group's prompt once, its responses after it; the head only at response positions in all),
+and prints the steady update time of each against the first.
 
 Results: a table, and rows merged into benchmarks/results/rl_step.json (rows of other devices kept, this device's
 replaced; `cpu` names the host CPU of every row).
@@ -191,7 +192,8 @@ def step_row(m: dict, s: dict, config, common: dict) -> dict:
   wall, sync, sampling, training = (m["time_s"], m["time_weight_sync"], m["time_sampling"], m["time_training"])
   from astro_jax.rl.learner import LearnerConfig
   lc = LearnerConfig.from_config(config)  # padded: rows x seq_len; packed: packed_rows x grad_accum of train_tokens
-  positions = lc.update_rows * lc.update_seq_len * config.minibatches
+  positions = (lc.update_rows * config.minibatches + m.get("spilled_micro_batches", 0) * lc.packed_rows) * \
+      lc.update_seq_len
   sampled = m["tokens_per_s"] * wall
   host = sampling - s["prefill"] - s["decode"]
   return dict(
@@ -270,9 +272,11 @@ def main():
                   help="the checkpoint's config and tokenizer with random weights (where the weights are absent)")
   ap.add_argument("--wait-idle", type=float, default=30.0,
                   help="before the run wait up to this many seconds for other processes to go quiet (0: don't)")
-  ap.add_argument("--train-tokens", "--train_tokens", default="0",
-                  type=lambda v: [int(x) for x in v.split(",")],
-                  help="comma-separated train_tokens values, one run each (0: padded rows; e.g. 0,640: side by side)")
+  ap.add_argument("--layouts", default="",
+                  type=lambda v: [x for x in v.split(",") if x],
+                  help="comma-separated update layouts NAME[:TRAIN_TOKENS], one run each, side by side: padded "
+                       "(train_tokens 0), packed (share_prompts off), shared (share_prompts on), e.g. "
+                       "padded,packed:640,shared:704; default: the config's own")
   ap.add_argument("--no-write", action="store_true", help="print the table only")
   args = ap.parse_args()
   if args.steps < 1:
@@ -290,19 +294,31 @@ def main():
     print(f"waited {wait_idle(args.wait_idle):.0f}s for the machine to go quiet", flush=True)
 
   rows, steady = [], {}
-  for train_tokens in args.train_tokens:
-    config.train_tokens = train_tokens
+  for spec in args.layouts or [f"{layout_of(config)}:{config.train_tokens}"]:
+    layout, _, tokens = spec.partition(":")
+    if layout not in LAYOUTS or (layout != "padded") != tokens.isdigit():
+      sys.exit(f"--layouts: {spec!r} is not padded, packed:N or shared:N")
+    config.train_tokens = int(tokens or 0)
+    config.share_prompts = layout == "shared"
+    rl.check(config)
     layout_rows = run_layout(config, args, device, model)
     print_table(layout_rows)
     rows += layout_rows
     last = layout_rows[-1]
-    steady[train_tokens] = last["time_training"] / last["steps"] if len(layout_rows) > 1 else None
+    steady[spec] = last["time_training"] / last["steps"] if len(layout_rows) > 1 else None
   if len(steady) > 1 and all(steady.values()):
-    base, *_ = args.train_tokens
+    base = next(iter(steady))
     print("update (time_training per steady step): " + "; ".join(
-        f"train_tokens {t}: {v:.1f} s = {v / steady[base]:.2f}x" for t, v in steady.items()))
+        f"{t}: {v:.1f} s = {v / steady[base]:.2f}x" for t, v in steady.items()))
   if not args.no_write:
     write_rows(Path(args.out), rows, device)
+
+
+LAYOUTS = ("padded", "packed", "shared")
+
+
+def layout_of(config) -> str:
+  return "padded" if not config.train_tokens else "shared" if config.share_prompts else "packed"
 
 
 def run_layout(config, args, device: str, model: str) -> list[dict]:
@@ -318,15 +334,15 @@ def run_layout(config, args, device: str, model: str) -> list[dict]:
     metrics = [json.loads(l) for l in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines() if l]
   if len(metrics) != len(TimedSampler.steps):
     raise RuntimeError(f"{len(metrics)} metrics rows but {len(TimedSampler.steps)} sampler step records")
-  print(f"run (train_tokens {config.train_tokens}): {total:.0f}s in all (model loading, {args.steps} steps, the final "
-        f"checkpoint); load average at the end {load_average()}", flush=True)
+  print(f"run ({layout_of(config)}, train_tokens {config.train_tokens}): {total:.0f}s in all (model loading, "
+        f"{args.steps} steps, the final checkpoint); load average at the end {load_average()}", flush=True)
 
   common = dict(device=device, cpu=host_cpu(), model=model, config=_display_path(args.config),
                 dtype=f"trainer {config.model.dtype}, sampler {config.sampler.dtype}", remat=config.model.remat,
                 batch_prompts=config.batch_prompts, group_size=config.group_size,
                 rows=config.batch_prompts * config.group_size, seq_len=rl.seq_len(config),
-                train_tokens=config.train_tokens, max_new_tokens=config.sampling.max_new_tokens,
-                temperature=config.sampling.temperature, minibatches=config.minibatches, jax=jax.__version__,
+                layout=layout_of(config), train_tokens=config.train_tokens,
+                max_new_tokens=config.sampling.max_new_tokens, temperature=config.sampling.temperature, minibatches=config.minibatches, jax=jax.__version__,
                 xla_flags=os.environ.get("XLA_FLAGS", ""), code_version=code_version(),
                 date=datetime.now(timezone.utc).strftime("%Y-%m-%d"))
   rows = [step_row(m, s, config, common) for m, s in zip(metrics, TimedSampler.steps)]

@@ -12,11 +12,9 @@ group_size responses, laid out as:
   packed    `rollouts.packed_response_rows`: the same (prompt + response) sequences first-fit into rows of
             --train-tokens, as many rows as they need
   packed_k  packed with at most --targets-per-row response tokens a row, the head only there
-  shared_k  a timing proxy for a layout that is NOT implemented: each group's prompt once, its G responses after
-            it (rows of max_prompt_tokens + G x max_new_tokens, a group a row), the head only at the responses.
-            Its attention mask (a response sees its prompt, not its siblings) needs a model change; here a group is
-            one segment, which costs the same (attention is dense over a row, whatever its mask) but is another
-            loss: time only.
+  shared_k  `rollouts.shared_prompt_rows` (the rl stage's share_prompts): each group's prompt once in a row of
+            --shared-tokens, its G responses after it, each seeing the prompt but not its siblings (the model's
+            prefix_segment mask), the head only at the responses (a group's response budget a row at most)
 Each layout is compiled and run once (warm-up), then --reps rounds time one update of each layout in rotating
 order (one train state threads through all of them); medians are reported.
 
@@ -90,7 +88,8 @@ def draw_step(config, prompt_lengths: list[int], mean: float, trunc: float, seed
           list(rng.normal(0.0, 1.0, n)))
 
 
-def layouts(config, step, names: list[str], train_tokens: int, targets_per_row: int) -> dict[str, dict]:
+def layouts(config, step, names: list[str], train_tokens: int, targets_per_row: int,
+            shared_tokens: int) -> dict[str, dict]:
   """The step's batch in each named layout (see the module docstring), with what each holds."""
   prompt_ids, resp, old, adv = step
   G, max_new = config.group_size, config.sampling.max_new_tokens
@@ -102,12 +101,12 @@ def layouts(config, step, names: list[str], train_tokens: int, targets_per_row: 
                                             targets_per_row=K)
     return {"rows": rows, "axes": rollouts.PACKED_BATCH_AXES, "targets_per_row": K}
 
-  def shared():  # the proxy: prompt once + its G responses, one segment
-    groups = range(0, len(resp), G)
-    cat = lambda xs: [t for x in xs for t in x]
-    return pack([prompt_ids[g] for g in groups], [cat(resp[g:g + G]) for g in groups],
-                [cat(old[g:g + G]) for g in groups], [adv[g] for g in groups], config.max_prompt_tokens + G * max_new,
-                G * max_new)
+  def shared():  # each group's prompt once, its responses after it (the rl stage's share_prompts)
+    K = rollouts.targets_per_row(max_new, seq_len, shared_tokens, group_size=G)
+    pack_ = functools.partial(rollouts.shared_prompt_rows, prompt_ids, resp, old, adv, train_tokens=shared_tokens,
+                              targets_per_row=K)
+    rows, _ = pack_(rows_per_micro=pack_(rows_per_micro=1)[1]["rows"])
+    return {"rows": rows, "axes": rollouts.rl_batch_axes(packed=True, shared=True), "targets_per_row": K}
 
   padded = lambda K: {"rows": rollouts.response_rows(prompt_ids, resp, old, adv, seq_len=seq_len),
                       "axes": rollouts.RL_BATCH_AXES, "targets_per_row": K}
@@ -150,6 +149,8 @@ def main():
   ap.add_argument("--layers", type=int, default=8, help="decoder layers (0: the model's 30)")
   ap.add_argument("--train-tokens", type=int, default=640, help="packed rows' length")
   ap.add_argument("--targets-per-row", type=int, default=256, help="packed_k: response tokens a row at most")
+  ap.add_argument("--shared-tokens", type=int, default=704,
+                  help="shared_k rows' length (704: a group's prompt + 4 responses of ~110 tokens)")
   ap.add_argument("--layouts", nargs="+", default=["padded", "packed_k", "shared_k"], choices=LAYOUTS)
   ap.add_argument("--reps", type=int, default=2)
   ap.add_argument("--seed", type=int, default=0)
@@ -171,7 +172,7 @@ def main():
                                          config.sampling.max_new_tokens)
   step = draw_step(config, prompt_lengths, mean, trunc, args.seed)
   names = ["padded"] + [k for k in args.layouts if k != "padded"]  # the baseline always
-  lay = layouts(config, step, names, args.train_tokens, args.targets_per_row)
+  lay = layouts(config, step, names, args.train_tokens, args.targets_per_row, args.shared_tokens)
 
   device = device_name()
   print(f"device: {device}; host cpu {host_cpu()}; jax {jax.__version__}; load average {load_average()}")

@@ -63,6 +63,7 @@ def get_config():
   r.group_size = 4
   r.max_prompt_tokens = 256
   r.loss_chunk = 384
+  r.train_tokens = 704  # a group's prompt once + its 4 responses a row (configs/rl_smollm2.py)
   r.model.remat = "full"
   r.save_every = 2
   r.keep = 1

@@ -53,10 +53,14 @@ def assert_same_weights(a: dict, b: dict, rtol: float = 1e-5) -> None:
     np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=1e-6, err_msg=k)
 
 
-def test_packed_updates_move_the_weights_as_padded_ones_and_count_spills(start_weights):
+@pytest.mark.parametrize("share_prompts", [False, True])
+def test_packed_updates_move_the_weights_as_padded_ones_and_count_spills(start_weights, share_prompts):
   padded, padded_lc = trainer_and_config()
-  packed, packed_lc = trainer_and_config(train_tokens=8, packed_rows=1)  # 2 sequences of 5 tokens need 2 rows
-  assert (packed.batch_size, packed.seq_len, packed_lc.targets_per_row) == (1, 8, 4)
+  # 2 sequences of 5 tokens need 2 rows; shared, a group's 2 responses need 1 + 2 x 4 = 9 tokens: 2 rows too
+  packed, packed_lc = trainer_and_config(train_tokens=8, packed_rows=1, share_prompts=share_prompts)
+  targets = 8 - 4 // 2 if share_prompts else 4  # the row less half the prompt budget / a response budget a row
+  assert (packed.batch_size, packed.seq_len, packed_lc.targets_per_row) == (1, 8, targets)
+  assert packed_lc.shared_prompts == share_prompts and ("prefix_segment" in packed.batch_axes) == share_prompts
   sums = {}
   for name, trainer, lc in (("padded", padded, padded_lc), ("packed", packed, packed_lc)):
     trainer.load_params(start_weights)

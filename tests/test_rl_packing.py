@@ -1,8 +1,9 @@
 """Packed RL updates equal padded ones: the same responses as one a row (`response_rows`) or packed first-fit into
 rows of several (`packed_response_rows`) give the same loss, gradients and metric sums through the real train step
 (gradient accumulation, a spill into extra micro-batches), for every aggregation, with and without the KL term and
-TIS, with the head at every position or only at the response positions (`rl_loss(targets_per_row=K)`), on one
-device and on 8 simulated ones (batch split over 4, tensor over 2)."""
+TIS, with the head at every position or only at the response positions (`rl_loss(targets_per_row=K)`), with each
+prompt packed once for its responses (`shared_prompt_rows`: the model's prefix_segment mask), on one device and on
+8 simulated ones (batch split over 4, tensor over 2)."""
 from __future__ import annotations
 
 import json
@@ -14,11 +15,13 @@ from tests.conftest import run_with_devices
 
 # (aggregation, beta, tis_cap, layout compared with today's padded update): "packed", or "packed_k"/"padded_k" with
 # the head only at the response positions (rl_loss's targets_per_row: K_PACKED / MAX_LEN)
-CASES = [("token-mean", 0.0, None, "packed_k"), ("seq-mean-token-mean", 0.0, None, "packed"),
-         ("seq-mean-token-sum-norm", 0.0, None, "packed_k"), ("seq-mean-token-mean", 0.05, 2.0, "packed_k"),
+# "shared_k": packed with each prompt once for its responses (`shared_prompt_rows`), the head at K_SHARED positions
+CASES = [("token-mean", 0.0, None, "shared_k"), ("seq-mean-token-mean", 0.0, None, "packed"),
+         ("seq-mean-token-sum-norm", 0.0, None, "shared_k"), ("seq-mean-token-mean", 0.05, 2.0, "packed_k"),
          ("token-mean", 0.05, 2.0, "padded_k")]
 MAX_LEN = 12  # the response budget: Dr. GRPO's constant
 K_PACKED = 12
+K_SHARED = 20
 
 
 def responses(seed: int = 0):
@@ -62,8 +65,13 @@ def packed_vs_padded(rows_per_micro: int, micro_batches: int, cases: int = len(C
   pack = functools.partial(rollouts.packed_response_rows, prompt_ids, resp, old, adv, train_tokens=32,
                            rows_per_micro=rows_per_micro, micro_batches=micro_batches, in_loss=in_loss)
   (packed, info), (packed_k, info_k) = pack(), pack(targets_per_row=K_PACKED)
+  shared, info_s = rollouts.shared_prompt_rows(prompt_ids, resp, old, adv, train_tokens=32,
+                                               rows_per_micro=rows_per_micro, micro_batches=micro_batches,
+                                               in_loss=in_loss, targets_per_row=K_SHARED)
   layouts = {"packed": (packed, rollouts.PACKED_BATCH_AXES, info["micro_batches"], None),
              "packed_k": (packed_k, rollouts.PACKED_BATCH_AXES, info_k["micro_batches"], K_PACKED),
+             "shared_k": (shared, rollouts.rl_batch_axes(packed=True, shared=True), info_s["micro_batches"],
+                          K_SHARED),
              "padded_k": (padded, rollouts.RL_BATCH_AXES, 2, MAX_LEN)}
   capture = optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p),
                                          lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
@@ -86,8 +94,8 @@ def packed_vs_padded(rows_per_micro: int, micro_batches: int, cases: int = len(C
     return jax.device_get(metrics), jax.device_get(state["opt_state"])
 
   rel = lambda a, b: float(np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(b), 1e-30))
-  out = {"info": info, "info_k": info_k, "cases": [],
-         "row_targets": [float(r["weights"].sum(1).max()) for r in (packed, packed_k)]}
+  out = {"info": info, "info_k": info_k, "info_s": info_s, "cases": [],
+         "row_targets": [float(r["weights"].sum(1).max()) for r in (packed, packed_k, shared)]}
   for aggregation, beta, tis_cap, layout in CASES[:cases]:
     m_pad, g_pad = update(padded, rollouts.RL_BATCH_AXES, 2, aggregation, beta, tis_cap)
     rows, axes, accum, k = layouts[layout]
@@ -106,10 +114,12 @@ def packed_vs_padded(rows_per_micro: int, micro_batches: int, cases: int = len(C
 
 
 def check(got: dict, devices: int) -> None:
-  info, info_k = got["info"], got["info_k"]
+  info, info_k, info_s = got["info"], got["info_k"], got["info_s"]
   assert info["spilled"] >= 1 and info["sequences"] == 14 and info["fill"] > 0.5, info
-  uncapped, capped = got["row_targets"]
+  uncapped, capped, shared = got["row_targets"]
   assert uncapped > K_PACKED >= capped and info_k["rows"] >= info["rows"], got  # the targets cap binds
+  # each group's prompt at most once a row (groups split over rows when they do not fit one): fewer tokens
+  assert info_s["sequences"] == 14 and info_s["tokens"] < info["tokens"] - 3 * 4 and shared <= K_SHARED, got
   for case in got["cases"]:
     tis = case["case"][2]
     assert case["tokens"] > 50 and case["grad_norm"] > 1e-3, case  # a real loss: clipped (or TIS-capped) tokens
@@ -151,6 +161,31 @@ def test_packing_layout():
     assert info["rows"] == want and rows["weights"].sum(1).max() <= (cap or 8)
   with pytest.raises(ValueError, match="targets_per_row"):
     rollouts.packed_response_rows(*three, train_tokens=8, rows_per_micro=1, targets_per_row=1)
+
+
+def test_shared_prompt_layout():
+  from astro_jax.train import rollouts
+  rows, info = rollouts.shared_prompt_rows([[1, 2, 3], [1, 2, 3], [4, 5]], [[7, 8], [9], [10, 11, 12]],
+                                           [[-0.5, -1.5], [-2.0], [-1.0, -1.1, -1.2]], [0.25, -1.0, 2.0],
+                                           train_tokens=12, rows_per_micro=1, micro_batches=1)
+  assert info == {"micro_batches": 1, "spilled": 0, "rows": 1, "sequences": 3, "tokens": 12, "fill": 1.0}
+  # prompt [1 2 3] once (its last token starts each response), then [4 5] with its response: one row
+  assert rows["tokens"].tolist() == [[1, 2, 3, 7, 8, 3, 9, 4, 5, 10, 11, 12]]
+  assert rows["positions"].tolist() == [[0, 1, 2, 3, 4, 2, 3, 0, 1, 2, 3, 4]]
+  assert rows["segment_ids"].tolist() == [[1, 1, 2, 2, 2, 3, 3, 4, 5, 5, 5, 5]]
+  assert rows["prefix_segment"].tolist() == [[0, 0, 1, 1, 1, 1, 1, 0, 4, 4, 4, 4]]
+  assert rows["targets"].tolist() == [[0, 0, 7, 8, 0, 9, 0, 0, 10, 11, 12, 0]]
+  assert rows["weights"].tolist() == [[0, 0, 1, 1, 0, 1, 0, 0, 1, 1, 1, 0]]
+  np.testing.assert_array_equal(rows["old_logprobs"], np.float32([[0, 0, -0.5, -1.5, 0, -2.0, 0, 0, -1.0, -1.1,
+                                                                   -1.2, 0]]))
+  np.testing.assert_array_equal(rows["advantages"], np.float32([[0, 0, 0.25, 0.25, 0, -1.0, 0, 0, 2, 2, 2, 0]]))
+  # a group that does not fit one row (or its target cap) is cut into chunks, each with the prompt
+  for room, cap, want in ((12, None, 1), (8, None, 2), (12, 2, 2)):
+    rows, info = rollouts.shared_prompt_rows([[1, 2, 3]] * 3, [[7, 8], [9], [10]], [[0.0] * 2, [0.0], [0.0]],
+                                             [0.0] * 3, train_tokens=room, rows_per_micro=1, targets_per_row=cap)
+    assert info["rows"] == want and (rows["tokens"] == 1).sum() == want and rows["weights"].sum() == 4, rows
+  with pytest.raises(ValueError, match="do not fit"):
+    rollouts.shared_prompt_rows([[1, 2, 3]], [[7] * 6], [[0.0] * 6], [0.0], train_tokens=8, rows_per_micro=1)
 
 
 def test_packed_equals_padded_one_device():

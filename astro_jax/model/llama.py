@@ -192,7 +192,8 @@ def head_logits(cfg: ModelConfig, params: dict, x_BTD: jax.Array, dt) -> jax.Arr
 
 def forward(cfg: ModelConfig, sharder: Sharder | None, params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
             kv_mask_BS: jax.Array | None = None, cache: KVCache | None = None, *,
-            segment_ids_BT: jax.Array | None = None, run: Execution = Execution(), last_only: bool = False,
+            segment_ids_BT: jax.Array | None = None, prefix_segment_BT: jax.Array | None = None,
+            run: Execution = Execution(), last_only: bool = False,
             hidden_only: bool = False) -> tuple[jax.Array, KVCache | None]:
   """The model as a pure function of its weights (see `Llama.__call__` for the arguments).
 
@@ -200,6 +201,8 @@ def forward(cfg: ModelConfig, sharder: Sharder | None, params: dict, tokens_BT: 
   run with `lax.scan` or an unrolled loop as `run.scan_layers` says) or as "layers": a tuple of L per-layer
   dicts (`split_layers`), always unrolled, each weight read from its own buffer (no per-layer slice copy).
   segment_ids_BT: packed rows (no cache): a token attends only to earlier tokens of its own segment.
+  prefix_segment_BT: with segment_ids, a token also attends to the segment this names (a prompt packed once, earlier
+    in the row, for several responses that each see it but not each other); 0: none.
   hidden_only: return the final-normed hidden states [B, T, D] instead of logits (for a chunked loss).
   """
   dt = run.jnp_dtype
@@ -213,7 +216,12 @@ def forward(cfg: ModelConfig, sharder: Sharder | None, params: dict, tokens_BT: 
   if segment_ids_BT is not None:
     if cache is not None:
       raise ValueError("segment_ids are for packed rows without a KV cache")
-    mask_BTS &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    seen_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    if prefix_segment_BT is not None:
+      seen_BTS |= (prefix_segment_BT[:, :, None] == segment_ids_BT[:, None, :]) & (prefix_segment_BT[:, :, None] > 0)
+    mask_BTS &= seen_BTS
+  elif prefix_segment_BT is not None:
+    raise ValueError("prefix_segment needs segment_ids")
   cos, sin = rope_tables(positions_BT, inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
 
   x = jnp.take(params["embed"], tokens_BT, axis=0).astype(dt)

@@ -15,8 +15,8 @@ timed sampler lets benchmarks/rl_step.py split the sampling time without patchin
   signal are dropped and more prompts sampled, up to `max_sampling_rounds`), then the training rows with their
   group-relative advantages (`batch_rows`: always batch_prompts x G rows, the unfilled ones weigh 0).
 - `update(batch) -> sums`: `minibatches` optimizer steps (`Trainer.put_rows`, `Trainer.step_on`) on disjoint parts
-  of the responses assigned by (seed, step), as padded rows or packed into rows of `train_tokens` (a step that
-  needs more rows spills into another micro-batch); with a `Reference` its log-probs are computed on device for the
+  of the responses assigned by (seed, step), as padded rows or packed into rows of `train_tokens` (with
+  `shared_prompts` each group's prompt once; a step that needs more rows spills into another micro-batch); with a `Reference` its log-probs are computed on device for the
   KL term, with TIS and several minibatches a `Proximal` takes the step-start log-probs before the first update.
 - `evaluate(step)`: the held-out benchmarks scored with the sampler's weights (eval's summary per benchmark).
 - `step(step) -> row`: the metrics row of stages/rl.py's docstring.
@@ -73,6 +73,7 @@ class LearnerConfig:
   prompts_per_call: int = 16    # prompts (G rows each) per sampler call
   grad_accum: int = 1           # micro-batches per update
   train_tokens: int = 0         # packed rows of this many tokens (0: one response a row of seq_len, padded)
+  shared_prompts: bool = False  # packed with a group's prompt once (rollouts.shared_prompt_rows)
   packed_rows: int = 0          # packed rows per micro-batch (with train_tokens)
   targets_per_row: int = 0      # response tokens a row at most: the head runs only there (0: at every position)
   tis: bool = False             # the loss weights tokens by truncated importance sampling (loss.tis_cap > 0)
@@ -91,14 +92,17 @@ class LearnerConfig:
     R, max_new = config.reward, config.sampling.max_new_tokens
     seq_len = config.max_prompt_tokens + max_new
     rows_per_micro = config.batch_prompts * config.group_size // config.minibatches // config.grad_accum
+    shared = bool(config.train_tokens and config.share_prompts)
     return cls(batch_prompts=config.batch_prompts, group_size=config.group_size, seq_len=seq_len,
                steps=config.steps, seed=config.seed, minibatches=config.minibatches,
                dynamic_sampling=config.dynamic_sampling, max_sampling_rounds=config.max_sampling_rounds,
                prompts_per_call=max(1, config.sampler.max_batch // config.group_size), grad_accum=config.grad_accum,
-               train_tokens=config.train_tokens,
+               train_tokens=config.train_tokens, shared_prompts=shared,
                packed_rows=rollouts.packed_rows(config.packed_rows, rows_per_micro, config.max_prompt_tokens, max_new,
-                                                config.train_tokens) if config.train_tokens else 0,
-               targets_per_row=rollouts.targets_per_row(max_new, seq_len, config.train_tokens),
+                                                config.train_tokens, config.group_size if shared else 0)
+               if config.train_tokens else 0,
+               targets_per_row=rollouts.targets_per_row(max_new, seq_len, config.train_tokens,
+                                                        config.group_size if shared else 0),
                tis=config.loss.tis_cap > 0,
                scale_std=config.loss.scale_std, correct_reward=R.correct, wrong_reward=R.wrong, overlong=R.overlong,
                overlong_buffer=R.overlong_buffer, overlong_penalty=R.overlong_penalty, shuffle_rewards=R.shuffle,
@@ -125,7 +129,8 @@ class LearnerConfig:
   def batch_axes(self, reference: bool = False) -> dict[str, tuple[str, ...]]:
     """The logical axes of the update's inputs: packed or padded rows, the reference's log-probs (KL term), the
     step-start log-probs of TIS when later minibatches need them."""
-    return rollouts.rl_batch_axes(packed=self.packed, ref=reference, prox=self.tis and self.minibatches > 1)
+    return rollouts.rl_batch_axes(packed=self.packed, shared=self.shared_prompts, ref=reference,
+                                  prox=self.tis and self.minibatches > 1)
 
 
 @dataclasses.dataclass
@@ -364,16 +369,17 @@ class RLLearner:
 
   def training_rows(self, batch: Batch, part: Sequence[int]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """The rows of one update on the responses `part` (indices into the batch's rows): the padded rows, or the
-    responses packed (`rollouts.packed_response_rows`: a step whose tokens need more rows than packed_rows x
-    grad_accum spills into more micro-batches); (rows, {spilled, fill})."""
+    responses packed (`rollouts.packed_response_rows`, or `shared_prompt_rows` with a group's prompt once: a step
+    whose tokens need more rows than packed_rows x grad_accum spills into more micro-batches); (rows, {spilled,
+    fill})."""
     c = self.config
     if not c.packed:
       rows = {k: v[part] for k, v in batch.rows.items()}
       return rows, {"spilled": 0, "fill": float(rows["segment_ids"].astype(bool).mean())}
     prompts_, tokens, logprobs, advantages, in_loss = batch.responses.take(part)
-    rows, info = rollouts.packed_response_rows(prompts_, tokens, logprobs, advantages, train_tokens=c.train_tokens,
-                                               rows_per_micro=c.packed_rows, micro_batches=c.grad_accum,
-                                               in_loss=in_loss, targets_per_row=c.targets_per_row or None)
+    pack = rollouts.shared_prompt_rows if c.shared_prompts else rollouts.packed_response_rows
+    rows, info = pack(prompts_, tokens, logprobs, advantages, train_tokens=c.train_tokens, rows_per_micro=c.packed_rows,
+                      micro_batches=c.grad_accum, in_loss=in_loss, targets_per_row=c.targets_per_row or None)
     return rows, info
 
   def evaluate(self, step: int) -> dict[str, float]:

@@ -19,7 +19,8 @@ One step (ASTRO §3.2: reward +1 / -1 for a right / wrong final answer, G = 4 re
      checkpoint) adds a k3 KL term (beta = 0: no reference is held); `loss.tis_cap` > 0: token-level truncated
      importance sampling against the sampler/trainer mismatch. Rows: one response a row (padded), or with
      `train_tokens` > 0 the responses packed into `packed_rows` rows of train_tokens a micro-batch (more rows
-     spill into another micro-batch); either way the head runs only at response positions.
+     spill into another micro-batch; `share_prompts`: a group's prompt once, its responses after it); either way
+     the head runs only at response positions.
 This module checks the config and wires the parts (`run`: config -> objects -> loop -> outputs); the step itself is
 `astro_jax.rl.learner.RLLearner` (`collect`, `update`, `evaluate`), responses are sampled and verified by
 `astro_jax.generation.generate_and_verify`.
@@ -75,8 +76,9 @@ from astro_jax.train import policy_loss, rollouts
 
 # What shapes the run's numbers: a resumed run must have the same.
 _RUN_KEYS = ("checkpoint", "tokenizer", "prompts", "seed", "steps", "batch_prompts", "group_size", "minibatches",
-             "grad_accum", "max_prompt_tokens", "train_tokens", "packed_rows", "loss_chunk", "dynamic_sampling",
-             "max_sampling_rounds", "model", "optimizer", "sampling", "loss", "reward", "prompt", "eval")
+             "grad_accum", "max_prompt_tokens", "train_tokens", "share_prompts", "packed_rows", "loss_chunk",
+             "dynamic_sampling", "max_sampling_rounds", "model", "optimizer", "sampling", "loss", "reward", "prompt",
+             "eval")
 _INPUT_KEYS = ("checkpoint", "tokenizer", "prompts", "eval.benchmarks")  # recorded as paths + content fingerprints
 
 _GROUP = "advantages are relative to the group"
@@ -98,6 +100,8 @@ KEYS: Keys = {
                              at_least(1)),
     "train_tokens": Key(0, "pack the update's (prompt + response) sequences into rows of N tokens (0: one response a "
                         "row of max_prompt_tokens + sampling.max_new_tokens, padded); >= that sum"),
+    "share_prompts": Key(True, "with train_tokens: a group's prompt packed once, its responses after it (each sees "
+                         "the prompt, not its siblings): the same loss, G - 1 fewer prompt copies through the model"),
     "packed_rows": Key(0, "with train_tokens: packed rows per micro-batch (0: room for its responses at half the "
                        "budget); a step that needs more spills into another micro-batch (metric spilled_micro_batches)",
                        at_least(0, "0: sized from the budget")),

@@ -49,9 +49,11 @@ def target_logprobs(cfg: ModelConfig, params: dict, hidden_BTD: jax.Array, targe
 def sequence_logprobs(cfg: ModelConfig, run: Execution, sharder: Sharder | None, params: dict, batch: dict, *,
                       chunk: int, with_entropy: bool = False,
                       temperature: float = 1.0) -> tuple[jax.Array, jax.Array | None]:
-  """log p(targets) [B, T] of a packed batch (tokens, positions, segment_ids, targets: all [B, T])."""
+  """log p(targets) [B, T] of a packed batch (tokens, positions, segment_ids, targets: all [B, T]; prefix_segment
+  when a prompt is packed once for several responses)."""
   hidden_BTD, _ = forward(cfg, sharder, params, batch["tokens"], batch["positions"],
-                          segment_ids_BT=batch["segment_ids"], run=run, hidden_only=True)
+                          segment_ids_BT=batch["segment_ids"],
+                          prefix_segment_BT=batch.get("prefix_segment"), run=run, hidden_only=True)
   return target_logprobs(cfg, params, hidden_BTD, batch["targets"], dt=run.jnp_dtype, chunk=chunk,
                          sharder=sharder, with_entropy=with_entropy, temperature=temperature)
 
@@ -68,7 +70,8 @@ def nll_loss(cfg: ModelConfig, run: Execution, sharder: Sharder | None, params: 
 def full_logits_nll(cfg: ModelConfig, run: Execution, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
   """The same loss from the whole [B, T, V] logits at once (the reference the chunked loss is tested against)."""
   logits_BTV, _ = forward(cfg, None, params, batch["tokens"], batch["positions"],
-                          segment_ids_BT=batch["segment_ids"], run=run)
+                          segment_ids_BT=batch["segment_ids"],
+                          prefix_segment_BT=batch.get("prefix_segment"), run=run)
   logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
   logp_BT = jnp.take_along_axis(logp_BTV, batch["targets"][..., None], axis=-1)[..., 0]
   weights_BT = batch["weights"].astype(jnp.float32)

@@ -1,5 +1,5 @@
 """Sampled responses -> the RL training batch, fixed shapes, the sampler's log-probs aligned with the trainer's
-targets, and the loss that scores them (`rl_loss`, the trainer's loss contract). Two layouts:
+targets, and the loss that scores them (`rl_loss`, the trainer's loss contract). Three layouts:
 
 `response_rows`: one response a row of max_prompt_tokens + max_new_tokens ([T] each): tokens = prompt + response
 (+ padding), positions 0.., segment_ids 1 on real tokens, targets[j] = tokens[j + 1], weights 1 where targets[j] is
@@ -9,6 +9,10 @@ a response token, old_logprobs[j] = the sampler's log-prob of targets[j]; per ro
 packing: segment ids 1, 2, ... a row, positions restarting at 0 per segment, attention within a segment), the same
 per-token arrays, and the advantages per token ([B, T]). Loss and gradients equal the padded layout's (the
 seq-mean aggregations sum per segment); the update costs the tokens sampled, not rows x the longest row.
+
+`shared_prompt_rows`: packed, with a GRPO group's prompt packed once and its responses after it, each attending
+to the prompt and itself (the model's prefix_segment input): the same loss and gradients, and a group of G
+responses costs one prompt, not G.
 
 Either way most positions of a row are prompt: `rl_loss(targets_per_row=K)` runs the head (vocabulary projection,
 log-softmax, entropy) only at each row's response positions (K: max_new_tokens for one response a row; for packed
@@ -34,30 +38,43 @@ REF_BATCH_AXES = {**RL_BATCH_AXES, "ref_logprobs": ("batch", "seq")}  # with a K
 PACKED_BATCH_AXES = {k: ("batch", "seq") for k in _TOKEN_KEYS + ("advantages",)}  # advantages per token
 
 
-def rl_batch_axes(*, packed: bool = False, ref: bool = False, prox: bool = False) -> dict[str, tuple[str, ...]]:
-  """The logical axes of the RL batch inputs: packed rows (per-token advantages) or one response a row; with the
-  reference's log-probs (KL term) and/or the trainer's log-probs at the sampling weights (TIS's prox_logprobs)."""
+def rl_batch_axes(*, packed: bool = False, shared: bool = False, ref: bool = False,
+                  prox: bool = False) -> dict[str, tuple[str, ...]]:
+  """The logical axes of the RL batch inputs: packed rows (per-token advantages; with `shared` prompts packed once,
+  `shared_prompt_rows`) or one response a row; with the reference's log-probs (KL term) and/or the trainer's
+  log-probs at the sampling weights (TIS's prox_logprobs)."""
   axes = dict(PACKED_BATCH_AXES if packed else RL_BATCH_AXES)
-  for key, wanted in (("ref_logprobs", ref), ("prox_logprobs", prox)):
+  for key, wanted in (("prefix_segment", packed and shared), ("ref_logprobs", ref), ("prox_logprobs", prox)):
     if wanted:
       axes[key] = ("batch", "seq")
   return axes
 
 
-def targets_per_row(max_new_tokens: int, seq_len: int, train_tokens: int = 0) -> int:
+def targets_per_row(max_new_tokens: int, seq_len: int, train_tokens: int = 0, group_size: int = 0) -> int:
   """The response tokens a training row holds at most (the head runs only at those positions): one response's
   budget in a padded row; in a packed row of train_tokens, one budget per seq_len-long sequence it could hold,
-  rounded up (a row of shorter sequences holds more: the packer then starts another row)."""
+  rounded up; with prompts shared by groups of `group_size` (> 0), one group's budget, or the row less half the
+  prompt budget if smaller (the packer keeps every row under this cap: a row whose responses would hold more
+  starts another row)."""
+  if group_size and train_tokens:
+    return min(group_size * max_new_tokens, train_tokens - (seq_len - max_new_tokens) // 2)
   return max_new_tokens * (-(-train_tokens // seq_len) if train_tokens else 1)
 
 
 def packed_rows(configured: int, rows_per_micro: int, max_prompt_tokens: int, max_new_tokens: int,
-                train_tokens: int) -> int:
-  """Packed rows per micro-batch: `configured`, or (0) room for rows_per_micro sequences of max_prompt_tokens +
-  max_new_tokens / 2 tokens (a step whose responses run longer spills into another micro-batch)."""
+                train_tokens: int, group_size: int = 0) -> int:
+  """Packed rows per micro-batch: `configured`, or (0) the rows that hold its items whole at half the response
+  budget: rows_per_micro sequences of max_prompt_tokens + max_new_tokens / 2 tokens, or with prompts shared by
+  groups of `group_size` (> 0) its groups of one prompt + G such responses (a group longer than a row is cut into
+  rows). Items are not split across rows, so a row holds floor(train_tokens / item) of them. A step whose responses
+  run longer spills into another micro-batch."""
   if configured:
     return configured
-  return max(1, -(-rows_per_micro * (max_prompt_tokens + max_new_tokens // 2) // train_tokens))
+  items, item_tokens = ((-(-rows_per_micro // group_size), max_prompt_tokens + group_size * (max_new_tokens // 2 + 1))
+                        if group_size else (rows_per_micro, max_prompt_tokens + max_new_tokens // 2))
+  if item_tokens > train_tokens:
+    return max(1, -(-items * item_tokens // train_tokens))
+  return max(1, -(-items // (train_tokens // item_tokens)))
 
 
 def _check_responses(prompt_ids, responses, old_logprobs, advantages) -> None:
@@ -126,20 +143,11 @@ def packed_response_rows(prompt_ids: Sequence[Sequence[int]], responses: Sequenc
   if targets_per_row is not None and any(len(responses[b]) > targets_per_row for b in keep):
     raise ValueError(f"a response of {max(len(responses[b]) for b in keep)} tokens > targets_per_row "
                      f"{targets_per_row}")
-  order = sorted(range(len(keep)), key=lambda i: -len(examples[i].tokens))  # longest first (stable)
-  free_N2 = np.tile([train_tokens, targets_per_row or train_tokens], (max(len(keep), 1), 1))  # room: tokens, targets
-  bins: list[list[int]] = []
-  for i in order:
-    need = (len(examples[i].tokens), len(responses[keep[i]]))
-    r = int(np.argmax(np.all(free_N2 >= need, axis=1)))  # the first row with room (an empty one always has)
-    free_N2[r] -= need
-    if r == len(bins):
-      bins.append([])
-    bins[r].append(i)
+  bins = _first_fit([(len(examples[i].tokens), len(responses[keep[i]])) for i in range(len(keep))],
+                    (train_tokens, targets_per_row or train_tokens))
   n_micro = max(micro_batches, -(-len(bins) // rows_per_micro))
   n_rows = n_micro * rows_per_micro
-  floats = ("weights", "old_logprobs", "advantages")
-  out = {k: np.zeros((n_rows, train_tokens), np.float32 if k in floats else np.int32) for k in PACKED_BATCH_AXES}
+  out = _empty_rows(n_rows, train_tokens, PACKED_BATCH_AXES)
   for r, members in enumerate(bins):
     for k, v in data._pack_row([examples[i] for i in members], train_tokens).items():
       out[k][r] = v
@@ -151,6 +159,100 @@ def packed_response_rows(prompt_ids: Sequence[Sequence[int]], responses: Sequenc
       out["advantages"][r, span] = np.float32(advantages[b])
       offset += n
   tokens = sum(len(e.tokens) for e in examples)
+  info = {"micro_batches": n_micro, "spilled": n_micro - micro_batches, "rows": len(bins), "sequences": len(keep),
+          "tokens": tokens, "fill": tokens / (n_rows * train_tokens)}
+  return out, info
+
+
+def _first_fit(sizes: Sequence[tuple[int, int]], room: tuple[int, int]) -> list[list[int]]:
+  """Items of (tokens, targets) sizes, largest first (stable), each into the first row with room for both: the
+  rows' item indices."""
+  order = sorted(range(len(sizes)), key=lambda i: -sizes[i][0])
+  free_N2 = np.tile(room, (max(len(sizes), 1), 1))
+  bins: list[list[int]] = []
+  for i in order:
+    r = int(np.argmax(np.all(free_N2 >= sizes[i], axis=1)))  # the first row with room (an empty one always has)
+    free_N2[r] -= sizes[i]
+    if r == len(bins):
+      bins.append([])
+    bins[r].append(i)
+  return bins
+
+
+def _empty_rows(n_rows: int, train_tokens: int, axes: dict) -> dict[str, np.ndarray]:
+  floats = ("weights", "old_logprobs", "advantages")
+  return {k: np.zeros((n_rows, train_tokens), np.float32 if k in floats else np.int32) for k in axes}
+
+
+def shared_prompt_rows(prompt_ids: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                       old_logprobs: Sequence[Sequence[float]], advantages: Sequence[float], *, train_tokens: int,
+                       rows_per_micro: int, micro_batches: int = 1, in_loss: Sequence[bool] | None = None,
+                       targets_per_row: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, int | float]]:
+  """`packed_response_rows` with each prompt packed once for its responses: (rows, info), rows also holding
+  prefix_segment (the model's attention input: a response's tokens see its prompt's segment, not its siblings').
+
+  The responses of one prompt (equal prompt token lists: a GRPO group) form chunks: the prompt's first P - 1 tokens
+  (positions 0..P-2, a segment of their own, weight 0), then each response as a segment of its own that repeats
+  the prompt's last token first (positions P-1.., prefix_segment = the prompt's segment), so the position that
+  predicts a response's first token is the response's own. A chunk takes a prompt's responses, longest first,
+  while they fit one row (train_tokens, and targets_per_row response tokens); chunks are packed first-fit, largest
+  first, into whole micro-batches as `packed_response_rows` packs sequences. Every response token's context is
+  its prompt and its own earlier tokens, as in its padded row: the same loss and gradients, for G responses a
+  prompt (G - 1)(P - 1) fewer tokens through the layers.
+  """
+  _check_responses(prompt_ids, responses, old_logprobs, advantages)
+  if train_tokens < 2 or rows_per_micro < 1 or micro_batches < 1:
+    raise ValueError(f"train_tokens={train_tokens}, rows_per_micro={rows_per_micro}, micro_batches={micro_batches}:"
+                     " need train_tokens >= 2 and at least one row and one micro-batch")
+  keep = [b for b in range(len(responses)) if len(responses[b]) and (in_loss is None or in_loss[b])]
+  groups: dict[tuple[int, ...], list[int]] = {}
+  for b in keep:
+    P, R = len(prompt_ids[b]), len(responses[b])
+    if P < 1 or P + R > train_tokens:
+      raise ValueError(f"response {b}: prompt {P} + response {R} tokens do not fit train_tokens {train_tokens}")
+    if targets_per_row is not None and R > targets_per_row:
+      raise ValueError(f"a response of {R} tokens > targets_per_row {targets_per_row}")
+    groups.setdefault(tuple(int(t) for t in prompt_ids[b]), []).append(b)
+  chunks: list[tuple[tuple[int, ...], list[int]]] = []  # (prompt, its responses in this chunk)
+  sizes: list[tuple[int, int]] = []  # (tokens, response tokens) of each chunk
+  for prompt, members in groups.items():
+    current, tokens, targets = [], len(prompt) - 1, 0
+    for b in sorted(members, key=lambda b: -len(responses[b])):
+      R = len(responses[b])
+      if current and (tokens + 1 + R > train_tokens or (targets_per_row and targets + R > targets_per_row)):
+        chunks.append((prompt, current))
+        sizes.append((tokens, targets))
+        current, tokens, targets = [], len(prompt) - 1, 0
+      current, tokens, targets = current + [b], tokens + 1 + R, targets + R
+    chunks.append((prompt, current))
+    sizes.append((tokens, targets))
+  bins = _first_fit(sizes, (train_tokens, targets_per_row or train_tokens))
+  n_micro = max(micro_batches, -(-len(bins) // rows_per_micro))
+  n_rows = n_micro * rows_per_micro
+  out = _empty_rows(n_rows, train_tokens, rl_batch_axes(packed=True, shared=True))
+  for r, members in enumerate(bins):
+    offset, segment = 0, 0
+    for i in members:
+      prompt, bs = chunks[i]
+      P, prefix = len(prompt), 0
+      if P > 1:
+        segment += 1
+        prefix, span = segment, slice(offset, offset + P - 1)
+        out["tokens"][r, span], out["positions"][r, span], out["segment_ids"][r, span] = prompt[:-1], \
+            np.arange(P - 1), segment
+        offset += P - 1
+      for b in bs:
+        segment += 1
+        seq = np.asarray([prompt[-1], *responses[b]], np.int32)
+        n = len(seq)
+        span, predicts = slice(offset, offset + n), slice(offset, offset + n - 1)
+        out["tokens"][r, span], out["positions"][r, span] = seq, np.arange(P - 1, P - 1 + n)
+        out["segment_ids"][r, span], out["prefix_segment"][r, span] = segment, prefix
+        out["targets"][r, predicts], out["weights"][r, predicts] = seq[1:], 1.0
+        out["old_logprobs"][r, predicts] = np.asarray(old_logprobs[b], np.float32)
+        out["advantages"][r, predicts] = np.float32(advantages[b])
+        offset += n
+  tokens = sum(t for t, _ in sizes)
   info = {"micro_batches": n_micro, "spilled": n_micro - micro_batches, "rows": len(bins), "sequences": len(keep),
           "tokens": tokens, "fill": tokens / (n_rows * train_tokens)}
   return out, info
@@ -170,7 +272,8 @@ def response_logprobs(cfg: ModelConfig, run: Execution, sharder: Sharder | None,
                                                    temperature=temperature)
     return logp_BT, entropy_BT, batch
   hidden_BTD, _ = forward(cfg, sharder, params, batch["tokens"], batch["positions"],
-                          segment_ids_BT=batch["segment_ids"], run=run, hidden_only=True)
+                          segment_ids_BT=batch["segment_ids"],
+                          prefix_segment_BT=batch.get("prefix_segment"), run=run, hidden_only=True)
   targeted_BT = batch["weights"] > 0
   idx_BK = jax.vmap(lambda w: jnp.nonzero(w, size=targets_per_row, fill_value=0)[0])(targeted_BT)
   valid_BK = jnp.arange(targets_per_row)[None, :] < jnp.sum(targeted_BT, axis=1, keepdims=True)
