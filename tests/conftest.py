@@ -53,6 +53,25 @@ def _pin_compile_cache() -> None:
 
 _pin_compile_cache()
 
+# The slowest test files, slowest first (seconds in a 2-worker run on 2 EPYC cores, 2026-12-05: mcts_stage 235,
+# hardening 199, pipeline 157, rl_stage 156, sampler 144, train 121, run_safety 113, rl_packing 91, sft_real 88,
+# sft_stage 81, stages 67, model_parity 57; the suite 1806 s in all). `--dist loadfile` hands files to the workers
+# in collection order, so collecting these first lets the two workers end together (longest first); xdist's own
+# reorder (by the number of tests in a file) is turned off for it.
+SLOW_FILES_FIRST = ("test_mcts_stage.py", "test_hardening.py", "test_pipeline.py", "test_rl_stage.py",
+                    "test_sampler.py", "test_train.py", "test_run_safety.py", "test_rl_packing.py",
+                    "test_sft_real.py", "test_sft_stage.py", "test_stages.py", "test_model_parity.py")
+
+
+def pytest_configure(config) -> None:
+  if hasattr(config.option, "loadscopereorder"):  # pytest-xdist present
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+  rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+
 PROMPTS = [
     "What is 17 times 23? Let's think step by step.",
     "The capital of France is",
