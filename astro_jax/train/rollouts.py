@@ -127,22 +127,14 @@ def packed_response_rows(prompt_ids: Sequence[Sequence[int]], responses: Sequenc
   on its weighted positions, else 0). info: micro_batches, spilled (micro-batches past `micro_batches`), rows
   (rows holding a sequence), sequences, tokens (real tokens), fill (tokens / token slots).
   """
-  _check_responses(prompt_ids, responses, old_logprobs, advantages)
-  if train_tokens < 2 or rows_per_micro < 1 or micro_batches < 1:
-    raise ValueError(f"train_tokens={train_tokens}, rows_per_micro={rows_per_micro}, micro_batches={micro_batches}:"
-                     " need train_tokens >= 2 and at least one row and one micro-batch")
-  keep = [b for b in range(len(responses)) if len(responses[b]) and (in_loss is None or in_loss[b])]
+  keep = _packable(prompt_ids, responses, old_logprobs, advantages, train_tokens, rows_per_micro, micro_batches,
+                   in_loss, targets_per_row)
   examples = []  # (tokens, loss mask) of each kept sequence: the SFT packer's Example
   for b in keep:
     P, R = len(prompt_ids[b]), len(responses[b])
-    if P < 1 or P + R > train_tokens:
-      raise ValueError(f"response {b}: prompt {P} + response {R} tokens do not fit train_tokens {train_tokens}")
     mask = np.zeros(P + R, bool)
     mask[P:] = True  # token i is a target: the response's
     examples.append(data.Example(str(b), np.asarray(list(prompt_ids[b]) + list(responses[b]), np.int32), mask))
-  if targets_per_row is not None and any(len(responses[b]) > targets_per_row for b in keep):
-    raise ValueError(f"a response of {max(len(responses[b]) for b in keep)} tokens > targets_per_row "
-                     f"{targets_per_row}")
   bins = _first_fit([(len(examples[i].tokens), len(responses[keep[i]])) for i in range(len(keep))],
                     (train_tokens, targets_per_row or train_tokens))
   n_micro = max(micro_batches, -(-len(bins) // rows_per_micro))
@@ -162,6 +154,24 @@ def packed_response_rows(prompt_ids: Sequence[Sequence[int]], responses: Sequenc
   info = {"micro_batches": n_micro, "spilled": n_micro - micro_batches, "rows": len(bins), "sequences": len(keep),
           "tokens": tokens, "fill": tokens / (n_rows * train_tokens)}
   return out, info
+
+
+def _packable(prompt_ids, responses, old_logprobs, advantages, train_tokens: int, rows_per_micro: int,
+              micro_batches: int, in_loss: Sequence[bool] | None, targets_per_row: int | None) -> list[int]:
+  """The packers' checks; the responses they pack: those in the loss and not empty."""
+  _check_responses(prompt_ids, responses, old_logprobs, advantages)
+  if train_tokens < 2 or rows_per_micro < 1 or micro_batches < 1:
+    raise ValueError(f"train_tokens={train_tokens}, rows_per_micro={rows_per_micro}, micro_batches={micro_batches}:"
+                     " need train_tokens >= 2 and at least one row and one micro-batch")
+  keep = [b for b in range(len(responses)) if len(responses[b]) and (in_loss is None or in_loss[b])]
+  for b in keep:
+    P, R = len(prompt_ids[b]), len(responses[b])
+    if P < 1 or P + R > train_tokens:
+      raise ValueError(f"response {b}: prompt {P} + response {R} tokens do not fit train_tokens {train_tokens}")
+  if targets_per_row is not None and any(len(responses[b]) > targets_per_row for b in keep):
+    raise ValueError(f"a response of {max(len(responses[b]) for b in keep)} tokens > targets_per_row "
+                     f"{targets_per_row}")
+  return keep
 
 
 def _first_fit(sizes: Sequence[tuple[int, int]], room: tuple[int, int]) -> list[list[int]]:
@@ -200,18 +210,10 @@ def shared_prompt_rows(prompt_ids: Sequence[Sequence[int]], responses: Sequence[
   its prompt and its own earlier tokens, as in its padded row: the same loss and gradients, for G responses a
   prompt (G - 1)(P - 1) fewer tokens through the layers.
   """
-  _check_responses(prompt_ids, responses, old_logprobs, advantages)
-  if train_tokens < 2 or rows_per_micro < 1 or micro_batches < 1:
-    raise ValueError(f"train_tokens={train_tokens}, rows_per_micro={rows_per_micro}, micro_batches={micro_batches}:"
-                     " need train_tokens >= 2 and at least one row and one micro-batch")
-  keep = [b for b in range(len(responses)) if len(responses[b]) and (in_loss is None or in_loss[b])]
+  keep = _packable(prompt_ids, responses, old_logprobs, advantages, train_tokens, rows_per_micro, micro_batches,
+                   in_loss, targets_per_row)
   groups: dict[tuple[int, ...], list[int]] = {}
   for b in keep:
-    P, R = len(prompt_ids[b]), len(responses[b])
-    if P < 1 or P + R > train_tokens:
-      raise ValueError(f"response {b}: prompt {P} + response {R} tokens do not fit train_tokens {train_tokens}")
-    if targets_per_row is not None and R > targets_per_row:
-      raise ValueError(f"a response of {R} tokens > targets_per_row {targets_per_row}")
     groups.setdefault(tuple(int(t) for t in prompt_ids[b]), []).append(b)
   chunks: list[tuple[tuple[int, ...], list[int]]] = []  # (prompt, its responses in this chunk)
   sizes: list[tuple[int, int]] = []  # (tokens, response tokens) of each chunk
