@@ -3,9 +3,10 @@ difficulty's scores.
 
 An `Item` is (key, prompt ids, gold). `per_call` items go into one `Sampler.sample` call (params.n samples each,
 seeded by (params.seed, key, sample index): the same samples whatever the chunking); each call's responses are
-verified on the long-lived `VerifierPool` in a thread while the next call decodes. Multi-host: every process samples
-every item (call it on all of them, in the same order); only processes with `verify` check answers, the others get
-`verdicts = None`.
+verified on the long-lived `VerifierPool` in a thread while the next call decodes. The continuous engine gets
+4 x per_call items a call (it refills its slots from the queue, so a call of one batch would leave them idle).
+Multi-host: every process samples every item (call it on all of them, in the same order); only processes with
+`verify` check answers, the others get `verdicts = None`.
 """
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ def generate_and_verify(sampler, pool, items: Sequence[Item], params: SamplingPa
     for it, completions in zip(chunk, outs):
       yield Verified(it, completions, None if verdicts is None else [next(verdicts) for _ in completions])
 
+  if hasattr(sampler, "stream"):  # the continuous engine refills its slots only from calls larger than a batch
+    per_call *= 4
   with concurrent.futures.ThreadPoolExecutor(1, "verifier") as executor:
     pending = None
     for start in range(0, len(items), per_call):

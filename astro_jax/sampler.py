@@ -1,5 +1,9 @@
 """Batched autoregressive sampling with a preallocated KV cache: prompts -> completions.
 
+This is the static path (`sampler.engine = static`): each batch decodes until its longest row stops.
+`astro_jax/engine.py` (the default) runs the same rows with continuous batching and prefix reuse, on the pieces here
+(token selection, stop automata, seeding, completions).
+
 One `sample` call takes a list of `Request`s (a prompt's token ids, its `SamplingParams` and a key; `generate` is
 the same for prompts that share their params). Rows (a row = one of the n samples of a request) with the same stop
 set share decodes: they are sorted by prompt length and cut into batches of at most `max_batch` rows, each row with
@@ -150,6 +154,8 @@ class SamplerStats:
   tokens: int = 0       # tokens generated (all rows)
   row_steps: int = 0    # decode slots spent: rows x loop steps of their batch (finished rows idle until the last)
   seconds: float = 0.0  # wall time inside `sample`
+  prefill_tokens: int = 0    # prompt tokens of the prompts prefilled (each distinct prompt of a batch once)
+  prefill_computed: int = 0  # of those, the ones computed (the rest came from kept prefixes: the engine)
 
   @property
   def live_row_fraction(self) -> float:
@@ -403,6 +409,9 @@ class Sampler:
     given = {id(a) for a in jax.tree.leaves(params)}
     self._owned = [a for a in jax.tree.leaves(self.params) if id(a) not in given]
 
+  def forget_prefixes(self) -> None:
+    """Drop kept prefixes (the continuous engine keeps some; this sampler keeps none)."""
+
   # -- helpers
   def _stop_table(self, stop: tuple[str, ...]) -> tuple[jax.Array, jax.Array]:
     """Device stop automaton for these stop strings, padded to bucketed shapes (few decode programs)."""
@@ -444,9 +453,9 @@ class Sampler:
       raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
     return self.sample([Request(self.encode(p), params, k) for p, k in zip(prompts, keys)])
 
-  def sample(self, requests: Sequence[Request]) -> list[list[Completion]]:
-    """Completions for each request (its params.n samples), in as few programs as the requests allow: rows that
-    share a stop set and EOS handling share decodes, identical prompts share a prefill."""
+  def _check(self, requests: Sequence[Request]) -> None:
+    """One line naming the first bad request (empty prompt, prompt + new tokens beyond the context), or no
+    weights, before any work."""
     for r, req in enumerate(requests):
       if not req.prompt:
         raise ValueError(f"request {r} (key {req.key!r}): empty prompt")
@@ -457,6 +466,11 @@ class Sampler:
                          f"{self.cfg.max_position_embeddings}")
     if self.params is None:
       raise ValueError("the sampler has no weights: call update_weights first")
+
+  def sample(self, requests: Sequence[Request]) -> list[list[Completion]]:
+    """Completions for each request (its params.n samples), in as few programs as the requests allow: rows that
+    share a stop set and EOS handling share decodes, identical prompts share a prefill."""
+    self._check(requests)
     began = time.perf_counter()
     results: list[list[Completion | None]] = [[None] * req.params.n for req in requests]
     groups: dict[tuple, list[tuple[int, int]]] = {}
@@ -511,6 +525,8 @@ class Sampler:
     out = _fetch(out)
     lengths = out.lengths[:len(rows)]
     self.stats.batches += 1
+    self.stats.prefill_tokens += sum(map(len, prompts))
+    self.stats.prefill_computed += sum(map(len, prompts))
     self.stats.rows += len(rows)
     self.stats.tokens += int(lengths.sum())
     self.stats.row_steps += len(rows) * int(lengths.max())

@@ -45,6 +45,7 @@ if [ -n "${SMOKE:-}" ]; then
   bench rl_step 600 --checkpoint "$HF" --random-weights --steps 1 --max-new-tokens 8 --wait-idle 0
   bench mcts 300 --hf-dir "$HF" --random-weights --problems 1 --iterations 1 --step-tokens 8 --rollout-tokens 8
   bench sampler 300 --hf-dir "$HF" --random-weights --batches 1 --reps 1 --new-tokens 8
+  bench sampler_engine 300 --hf-dir "$HF" --random-weights --problems 1 --workloads mcts
 else
   # SFT step: Llama-3.2-1B shape, bf16 compute, MFU (the GPU path of benchmarks/train_step.py)
   bench train_step 110 --gpu-only --gpu-reps 5
@@ -52,6 +53,8 @@ else
   bench rl_step 150 --checkpoint "$HF" --random-weights --steps 3 --wait-idle 0
   # batched MCTS: sampler calls per round, expansions/s, live-row fraction at 1, 8 and 64 problems
   bench mcts 150 --hf-dir "$HF" --random-weights --problems 1 8 64
+  # static sampler vs continuous engine, side by side: MCTS at 8 and 64 problems, rl_smollm2 rollouts
+  bench sampler_engine 120 --hf-dir "$HF" --random-weights --problems 8 64
   # decoding throughput against HF generate, side by side
   bench sampler 140 --hf-dir "$HF" --random-weights --batches 1 16 64 --reps 3 3 3
 fi

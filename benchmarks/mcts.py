@@ -1,6 +1,7 @@
 """Batched MCTS throughput on the real SmolLM2-135M-Instruct: 1, 8 and 64 problems searched at once.
 
   python benchmarks/mcts.py [--problems 1 8 64] [--k 2] [--rollouts 2] [--iterations 2] [--max-batch 64]
+                            [--engine continuous|static]
 
 Per problem count, one search over that many one- and two-step arithmetic word problems (generated from fixed
 templates, the level SmolLM2 solves with the few-shot search prompt), after an untimed warm-up search of the same
@@ -22,19 +23,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import jax
 
-from astro_jax import assets, verifier
+from astro_jax import verifier
 from astro_jax.checkpoint import load_hf_model
-from astro_jax.sampler import Sampler
+from astro_jax.engine import ENGINES, make_sampler
 from astro_jax.search import mcts
 from astro_jax.search.policy import LMPolicy
 from astro_jax.tokenizer import Tokenizer
-from sampler import code_version, device_name, random_checkpoint, write_rows  # benchmarks/sampler.py (this script's directory)
+from sampler import benchmark_checkpoint, code_version, device_name, write_rows  # benchmarks/sampler.py (this script's directory)
 
 RESULTS = Path(__file__).parent / "results" / "mcts.json"
 NAMES = ("Sam", "Mia", "Ali", "Zoe", "Ben", "Ivy", "Tom", "Ana")
@@ -99,18 +99,16 @@ def main() -> None:
                       help="--hf-dir's config and tokenizer with random weights (e.g. on a remote GPU; nothing is "
                       "solved and every step runs to --step-tokens, so this times the search's machinery only)")
   parser.add_argument("--dtype", default="", help="sampler dtype (default: float32 on a CPU, bfloat16 on a GPU)")
+  parser.add_argument("--engine", default="continuous", choices=ENGINES, help="the sampler (static: batches to "
+                      "their longest row; continuous: slots refilled, parents' prefixes kept)")
   parser.add_argument("--out", default=str(RESULTS))
   args = parser.parse_args()
 
-  hf_dir = Path(args.hf_dir) if args.hf_dir else assets.smollm2_hf_dir()
-  model_name = "SmolLM2-135M-Instruct"
-  if args.random_weights:
-    hf_dir = random_checkpoint(hf_dir, Path(tempfile.gettempdir()) / "astro_jax_random_smollm2")
-    model_name += " (random weights)"
+  hf_dir, model_name = benchmark_checkpoint(args.hf_dir, args.random_weights)
   dtype = args.dtype or ("bfloat16" if jax.devices()[0].platform == "gpu" else "float32")
   model = load_hf_model(hf_dir, param_dtype=dtype)
-  sampler = Sampler(model, Tokenizer.load(hf_dir, extra_eos_ids=model.cfg.eos_token_ids), max_batch=args.max_batch,
-                    dtype=dtype)
+  sampler = make_sampler(args.engine, model, Tokenizer.load(hf_dir, extra_eos_ids=model.cfg.eos_token_ids),
+                         max_batch=args.max_batch, dtype=dtype, keep_completions=True)
   policy = LMPolicy(sampler)
   cfg = mcts.SearchConfig(k=args.k, rollouts=args.rollouts, iterations=args.iterations, max_depth=8,
                           temperature=0.7, step_max_tokens=args.step_tokens, rollout_max_tokens=args.rollout_tokens)
@@ -121,7 +119,9 @@ def main() -> None:
     for n in args.problems:
       problems = make_problems(n)
       run_search(policy, judge, problems, cfg)  # warm-up: compiles this shape's programs
-      row = {"device": device, "commit": commit, "model": model_name, "dtype": dtype, "k": cfg.k, "M": cfg.rollouts,
+      sampler.forget_prefixes()  # the timed search reuses none of the warm-up's
+      row = {"device": device, "commit": commit, "model": model_name, "dtype": dtype, "engine": args.engine,
+             "k": cfg.k, "M": cfg.rollouts,
              "iterations": cfg.iterations, "max_batch": args.max_batch,
              **run_search(policy, mcts.MemoJudge(mcts.pool_judge(pool)), problems, cfg)}
       rows.append(row)

@@ -115,6 +115,16 @@ def random_checkpoint(src: Path, dst: Path) -> Path:
   return dst
 
 
+def benchmark_checkpoint(hf_dir: str | None, random_weights: bool) -> tuple[Path, str]:
+  """The HF checkpoint a benchmark runs (default: the cached SmolLM2-135M-Instruct; with `random_weights`, its config
+  and tokenizer with random weights) and the model's name for the rows."""
+  path = Path(hf_dir) if hf_dir else assets.smollm2_hf_dir()
+  if random_weights:
+    return random_checkpoint(path, Path(tempfile.gettempdir()) / "astro_jax_random_smollm2"), \
+        "SmolLM2-135M-Instruct (random weights)"
+  return path, "SmolLM2-135M-Instruct"
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
@@ -132,11 +142,7 @@ def main():
   on_gpu = jax.devices()[0].platform == "gpu"
   dtype = "bfloat16" if on_gpu else "float32"
   reps = args.reps or ([10] * len(args.batches) if on_gpu else [{1: 5, 16: 3}.get(b, 2) for b in args.batches])
-  hf_dir = Path(args.hf_dir) if args.hf_dir else assets.smollm2_hf_dir()
-  model_name = "SmolLM2-135M-Instruct"
-  if args.random_weights:
-    hf_dir = random_checkpoint(hf_dir, Path(tempfile.gettempdir()) / "astro_jax_random_smollm2")
-    model_name += " (random weights)"
+  hf_dir, model_name = benchmark_checkpoint(args.hf_dir, args.random_weights)
   device, T = device_name(), args.new_tokens
   print(f"device: {device}; dtype {dtype}; {T} new tokens; jax {jax.__version__}, torch {torch.__version__}; "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average {os.getloadavg()}", flush=True)

@@ -59,7 +59,7 @@ _pin_compile_cache()
 # in collection order, so collecting these first lets the two workers end together (longest first); xdist's own
 # reorder (by the number of tests in a file) is turned off for it.
 SLOW_FILES_FIRST = ("test_mcts_stage.py", "test_hardening.py", "test_pipeline.py", "test_rl_stage.py",
-                    "test_sampler.py", "test_train.py", "test_run_safety.py", "test_rl_packing.py",
+                    "test_sampler.py", "test_engine.py", "test_train.py", "test_run_safety.py", "test_rl_packing.py",
                     "test_sft_real.py", "test_sft_stage.py", "test_stages.py", "test_model_parity.py")
 
 

@@ -6,10 +6,6 @@ import dataclasses
 import functools
 import itertools
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +16,8 @@ from astro_jax.model import init_model, preset
 from astro_jax.model.llama import forward
 from astro_jax.sampler import Sampler, SamplingParams, _truncate, stop_automaton
 from astro_jax.tokenizer import Tokenizer
+from tests.conftest import run_with_devices
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = (  # different lengths, all <= 24 tokens so that a prefix of 8 more tokens stays in the 32 bucket
     "Hi",
     "The capital of France is",
@@ -288,12 +284,7 @@ print(json.dumps(runs))
 
 
 def test_sharded_sampling_matches_single_device():
-  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
-                                    " --xla_force_host_platform_device_count=8").strip(), JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(SHARDED)], env=env, cwd=REPO, capture_output=True,
-                        text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-5000:]
-  runs = json.loads(proc.stdout.strip().splitlines()[-1])
+  runs = json.loads(run_with_devices(SHARDED, n_devices=8, timeout=900).strip().splitlines()[-1])
   for name in ("d2f2t2", "f8"):
     for ref_row, row in zip(runs["single"], runs[name]):
       for (ref_ids, ref_lp), (got_ids, got_lp) in zip(ref_row, row):

@@ -48,7 +48,9 @@ def _weight_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[st
 
 
 class KVCache(NamedTuple):
-  """Per-layer keys and values for all rows. Prompts are left-padded, so all rows write the same slot.
+  """Per-layer keys and values for all rows. Either every row writes the same slot (`index` a scalar: prompts
+  left-padded, the static sampler) or each row its own (`index` [B]: rows left-aligned at slot 0, each at its own
+  length, so rows of one program can be at different positions: the continuous engine).
 
   Keys are stored position-minor ([.., H, S]) so that q @ K is a plain matmul and a decode step never
   transposes the cache; values are [.., S, H] for the same reason on probs @ V. `k`/`v` are either stacked
@@ -57,7 +59,7 @@ class KVCache(NamedTuple):
   """
   k: jax.Array | tuple[jax.Array, ...]  # [L, B, K, H, S] or L x [B, K, H, S]
   v: jax.Array | tuple[jax.Array, ...]  # [L, B, K, S, H] or L x [B, K, S, H]
-  index: jax.Array                      # int32 []: the next slot to write
+  index: jax.Array                      # int32 [] (every row) or [B] (per row): the next slot to write
 
   AXES_K = ("layers", "batch", "kv_heads", "head_dim", "cache_seq")
   AXES_V = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
@@ -132,17 +134,34 @@ def _write_kv(kv, k_BKHT: jax.Array, v_BKTH: jax.Array, index: jax.Array):
   """
   if kv is None:
     return k_BKHT, v_BKTH, None
+  if index.ndim:  # per-row slots: one in-place update per row (a scatter)
+    put_k = jax.vmap(lambda c, x, s: jax.lax.dynamic_update_slice(c, x, (0, 0, s)))
+    put_v = jax.vmap(lambda c, x, s: jax.lax.dynamic_update_slice(c, x, (0, s, 0)))
+  else:
+    put_k = lambda c, x, s: jax.lax.dynamic_update_slice(c, x, (0, 0, 0, s))
+    put_v = lambda c, x, s: jax.lax.dynamic_update_slice(c, x, (0, 0, s, 0))
   if len(kv) == 2:
     k, v = kv
-    k = jax.lax.dynamic_update_slice(k, k_BKHT.astype(k.dtype), (0, 0, 0, index))
-    v = jax.lax.dynamic_update_slice(v, v_BKTH.astype(v.dtype), (0, 0, index, 0))
+    k, v = put_k(k, k_BKHT.astype(k.dtype), index), put_v(v, v_BKTH.astype(v.dtype), index)
     return k, v, (k, v)
   k_all, v_all, i = kv
-  k_all = jax.lax.dynamic_update_slice(k_all, k_BKHT[None].astype(k_all.dtype), (i, 0, 0, 0, index))
-  v_all = jax.lax.dynamic_update_slice(v_all, v_BKTH[None].astype(v_all.dtype), (i, 0, 0, index, 0))
+  if not index.ndim:
+    k_all = jax.lax.dynamic_update_slice(k_all, k_BKHT[None].astype(k_all.dtype), (i, 0, 0, 0, index))
+    v_all = jax.lax.dynamic_update_slice(v_all, v_BKTH[None].astype(v_all.dtype), (i, 0, 0, index, 0))
+  else:
+    k_all, v_all = _put_layer(k_all, v_all, i, k_BKHT, v_BKTH, index, put_k, put_v)
   keys = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False)
   values = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False)
   return keys, values, (k_all, v_all, i)
+
+
+def _put_layer(k_all, v_all, i, k_BKHT, v_BKTH, index_B, put_k, put_v):
+  """Per-row writes into layer i of a stacked cache."""
+  k_l = put_k(jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False), k_BKHT.astype(k_all.dtype), index_B)
+  v_l = put_v(jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False), v_BKTH.astype(v_all.dtype), index_B)
+  k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_l, i, 0)
+  v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_l, i, 0)
+  return k_all, v_all
 
 
 def _layer(cfg: ModelConfig, run: Execution, sharder: Sharder | None, x_BTD, w, kv, cos, sin, mask_BTS, index):
@@ -211,8 +230,8 @@ def forward(cfg: ModelConfig, sharder: Sharder | None, params: dict, tokens_BT: 
   S = T if cache is None else cache.length
   if kv_mask_BS is None:
     kv_mask_BS = jnp.ones((B, S), bool)
-  q_slot_T = index + jnp.arange(T)
-  mask_BTS = kv_mask_BS[:, None, :] & (jnp.arange(S)[None, None, :] <= q_slot_T[None, :, None])
+  q_slot_BT = jnp.broadcast_to((index[:, None] if index.ndim else index) + jnp.arange(T), (B, T))
+  mask_BTS = kv_mask_BS[:, None, :] & (jnp.arange(S)[None, None, :] <= q_slot_BT[:, :, None])
   if segment_ids_BT is not None:
     if cache is not None:
       raise ValueError("segment_ids are for packed rows without a KV cache")

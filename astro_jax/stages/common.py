@@ -56,6 +56,26 @@ TOKENIZER = Key("", "tokenizer directory (default: the checkpoint's own)")
 MODEL_KEYS: Keys = {"model.dtype": Key("float32", "the sampler's compute dtype (and its weight copy's): float32 or "
                                        "bfloat16", one_of(DTYPES))}
 
+# Which sampler runs a sampling stage (neither changes greedy results; see astro_jax/engine.py).
+ENGINE_KEYS: Keys = {
+    "sampler.engine": Key("continuous", "continuous (slots refilled as rows finish, prefixes reused) or static "
+                          "(batches run until their longest row stops)", one_of(("static", "continuous"))),
+    "sampler.prefix_cache_mb": Key(1024.0, "continuous: memory for kept prompt/parent prefixes (0: no reuse)",
+                                   at_least(0)),
+}
+
+
+def make_sampler(config: ml_collections.ConfigDict, model, tokenizer, **settings):
+  """The sampler `config.sampler.engine` names, with the Sampler `settings` (sharder, max_batch, dtype, ...);
+  keep_completions (search) is for the continuous engine only."""
+  from astro_jax import engine
+  keep = settings.pop("keep_completions", False)
+  if config.sampler.engine == "continuous":
+    settings["keep_completions"] = keep
+  return engine.make_sampler(config.sampler.engine, model, tokenizer,
+                             prefix_cache_mb=config.sampler.prefix_cache_mb, **settings)
+
+
 # The sampling.* group (checked together by `check_sampling`, the sampler's own rules): generate's defaults, greedy.
 SAMPLING_KEYS: Keys = group("sampling", {
     "temperature": Key(0.0, "0 = greedy"),

@@ -72,6 +72,7 @@ KEYS: Keys = {
                                      "must be a number > 0 (pass rates are in [0, 1])")),
     "batch_size": Key(64, "rows (problems x samples) per sampler call; does not change results", at_least(1)),
     **common.MODEL_KEYS,
+    **common.ENGINE_KEYS,
     # Rendered and sampled as rl does: its prompt.* and sampling.* defaults.
     **changed(common.RL_SAMPLING_KEYS, helps={
         "sampling.temperature": "0 = greedy; the default is rl's (the estimate is of RL's sampling)",
@@ -153,7 +154,6 @@ def run(config: ml_collections.ConfigDict) -> dict | None:
   from astro_jax import data, files, verifier
   from astro_jax.generation import Item, generate_and_verify
   from astro_jax.prompts import PromptConfig, search_prompt_ids
-  from astro_jax.sampler import Sampler
 
   check(config)
   problems = load_problems(config)
@@ -194,7 +194,8 @@ def run(config: ml_collections.ConfigDict) -> dict | None:
   by_id = {p.id: p for p in problems}
   if todo:
     model = common.load_model(config, ckpt, sharder)
-    sampler = Sampler(model, tokenizer, sharder=sharder, max_batch=config.batch_size, dtype=config.model.dtype)
+    sampler = common.make_sampler(config, model, tokenizer, sharder=sharder, max_batch=config.batch_size,
+                                   dtype=config.model.dtype)
     params = common.sampling_params(config.sampling, n=config.samples)
     per_call = max(1, config.batch_size // config.samples)
     bar = tqdm(total=len(problems), initial=len(done), desc="difficulty", unit="problem", disable=not writer)

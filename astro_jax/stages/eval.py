@@ -45,6 +45,7 @@ KEYS: Keys = {
     "overwrite": Key(False, "replace results made with other settings"),
     "batch_size": Key(16, "rows (problems x samples) per sampler call; does not change results", at_least(1)),
     **common.MODEL_KEYS,
+    **common.ENGINE_KEYS,
     **changed(common.SAMPLING_KEYS, drop=("sampling.n",),  # k is `samples`
               defaults={"sampling.temperature": 0.6, "sampling.top_p": 0.95, "sampling.max_new_tokens": 1024}),
     **common.VERIFIER_KEYS,
@@ -90,7 +91,6 @@ def run(config: ml_collections.ConfigDict) -> None:
   from astro_jax import data, eval_metrics, files, verifier
   from astro_jax.generation import Item, generate_and_verify
   from astro_jax.prompts import PromptConfig, search_prompt_ids
-  from astro_jax.sampler import Sampler
 
   check(config)
   problems = load_problems(config)
@@ -116,8 +116,8 @@ def run(config: ml_collections.ConfigDict) -> None:
   done = {name: {row["id"] for row in data.read_jsonl_rows(out_dir / f"{name}.jsonl", missing_ok=True)}
           if record.matches() else set() for name in problems}
   model = common.load_model(config, ckpt, sharder)
-  sampler = Sampler(model, tokenizer, sharder=sharder, max_batch=config.batch_size,
-                    dtype=config.model.dtype)
+  sampler = common.make_sampler(config, model, tokenizer, sharder=sharder, max_batch=config.batch_size,
+                                dtype=config.model.dtype)
   params = common.sampling_params(config.sampling, n=config.samples)
   per_call = max(1, config.batch_size // config.samples)
   if writer:

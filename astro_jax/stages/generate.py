@@ -42,6 +42,7 @@ KEYS: Keys = {
     "overwrite": Key(False, "replace an output made with other settings"),
     "batch_size": Key(16, "rows (prompts x n) per sampler call; does not change results", at_least(1)),
     **common.MODEL_KEYS,
+    **common.ENGINE_KEYS,
     **common.SAMPLING_KEYS,  # greedy by default
 }
 sampling_params = common.sampling_params
@@ -92,7 +93,6 @@ def settings_path(config: ml_collections.ConfigDict) -> Path:
 def run(config: ml_collections.ConfigDict) -> None:
   """Generate; see the module docstring for resumption and what is refused."""
   from astro_jax import data
-  from astro_jax.sampler import Sampler
 
   check(config)
   rows, where = read_rows(config)
@@ -118,8 +118,8 @@ def run(config: ml_collections.ConfigDict) -> None:
   sharder = common.setup_mesh(config, "sample")
   writer = common.is_writer()  # multi-host: every process samples every row, process 0 writes
   model = common.load_model(config, ckpt, sharder)
-  sampler = Sampler(model, tokenizer, sharder=sharder, max_batch=config.batch_size,
-                    dtype=config.model.dtype)
+  sampler = common.make_sampler(config, model, tokenizer, sharder=sharder, max_batch=config.batch_size,
+                                dtype=config.model.dtype)
   params = sampling_params(config.sampling)
   per_call = max(1, config.batch_size // params.n)
   if writer:

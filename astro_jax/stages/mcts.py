@@ -114,6 +114,7 @@ KEYS: Keys = {
     "batch_problems": Key(16, "trees searched at once; does not change results", at_least(1)),
     "batch_size": Key(64, "sampler rows per program (max batch); does not change results", at_least(1)),
     **common.MODEL_KEYS,
+    **common.ENGINE_KEYS,
     "search.k": Key(_SEARCH.k, "proposals (next steps) sampled per expansion"),
     "search.rollouts": Key(_SEARCH.rollouts, "M: rollouts per new non-terminal child; its value R is their mean "
                            "reward"),
@@ -299,10 +300,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
 
   def get_sampler():
     if "sampler" not in state:
-      from astro_jax.sampler import Sampler
       model = common.load_model(config, ckpt, sharder)
-      state["sampler"] = Sampler(model, tokenizer, sharder=sharder, max_batch=config.batch_size,
-                                 dtype=config.model.dtype)
+      state["sampler"] = common.make_sampler(config, model, tokenizer, sharder=sharder, max_batch=config.batch_size,
+                                             dtype=config.model.dtype, keep_completions=True)
     return state["sampler"]
 
   if writer:
@@ -319,6 +319,11 @@ def run(config: ml_collections.ConfigDict) -> dict:
       round_bar = tqdm(desc="mcts rounds", unit="round", disable=not writer)
       with mcts_lib.BatchedSearch(policy, judge, search_cfg) as engine:
         while queue or engine.active:
+          if queue and len(engine.active) < config.batch_problems:
+            # New trees join: the trees from here on start with no kept prefixes, so that no tree's samples
+            # depend on trees searched before it (a resumed run never saw them; reuse is exact only up to the
+            # last bits of the logits).
+            sampler.forget_prefixes()
           while queue and len(engine.active) < config.batch_problems:
             p = queue.popleft()
             engine.add({"id": p.id, "problem": p.problem, "answer": p.answer})

@@ -118,6 +118,7 @@ KEYS: Keys = {
                          "params)", one_of(common.DTYPES)),
     "sampler.cache_dtype": Key("", "KV cache dtype (\"\": sampler.dtype)", one_of(common.DTYPES, blank_ok=True)),
     "sampler.max_batch": Key(64, "rows (prompts x G) per sampler program; does not change results"),
+    **common.ENGINE_KEYS,
     **changed(common.RL_SAMPLING_KEYS, checks={"sampling.temperature": above(
         0, "RL samples; greedy responses have no log-probs to train on")}),
     "loss.aggregation": Key("token-mean", "token-mean (DAPO), seq-mean-token-mean (GRPO), seq-mean-token-sum-norm "
@@ -233,7 +234,7 @@ def run(config: ml_collections.ConfigDict, *, make_sampler: Callable | None = No
   from astro_jax.generation import Item
   from astro_jax.prompts import PromptConfig, search_prompt_ids
   from astro_jax.rl.learner import LearnerConfig, Proximal, Reference, RLLearner
-  from astro_jax.sampler import Sampler, SamplingParams
+  from astro_jax.sampler import SamplingParams
   from astro_jax.sharding import Sharder
   from astro_jax.train import loop, rollouts
   from astro_jax.train import metrics as metrics_lib
@@ -281,9 +282,10 @@ def run(config: ml_collections.ConfigDict, *, make_sampler: Callable | None = No
   lc = LearnerConfig.from_config(config, tokenizer.pad_id)
   proximal = (Proximal(trainer, chunk=config.loss_chunk, temperature=config.sampling.temperature)
               if lc.tis and lc.minibatches > 1 else None)
-  sampler = (make_sampler or Sampler)(trainer.cfg, tokenizer, sharder=Sharder.create(sharder.mesh, "sample"),
-                                      max_batch=config.sampler.max_batch, dtype=config.sampler.dtype,
-                                      cache_dtype=config.sampler.cache_dtype or None)
+  settings = dict(sharder=Sharder.create(sharder.mesh, "sample"), max_batch=config.sampler.max_batch,
+                  dtype=config.sampler.dtype, cache_dtype=config.sampler.cache_dtype or None)
+  sampler = (make_sampler(trainer.cfg, tokenizer, **settings) if make_sampler else
+             common.make_sampler(config, trainer.cfg, tokenizer, **settings))
   S = config.sampling
   params = SamplingParams(temperature=S.temperature, top_p=S.top_p, top_k=S.top_k, max_new_tokens=S.max_new_tokens,
                           n=config.group_size, stop=tuple(s for s in S.stop if s), seed=S.seed)
