@@ -67,11 +67,8 @@ ENGINE_KEYS: Keys = {
 
 def make_sampler(config: ml_collections.ConfigDict, model, tokenizer, **settings):
   """The sampler `config.sampler.engine` names, with the Sampler `settings` (sharder, max_batch, dtype, ...);
-  keep_completions (search) is for the continuous engine only."""
+  keep_completions (search) counts for the continuous engine only."""
   from astro_jax import engine
-  keep = settings.pop("keep_completions", False)
-  if config.sampler.engine == "continuous":
-    settings["keep_completions"] = keep
   return engine.make_sampler(config.sampler.engine, model, tokenizer,
                              prefix_cache_mb=config.sampler.prefix_cache_mb, **settings)
 
