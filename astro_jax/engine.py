@@ -15,7 +15,9 @@
   insert   (jit, one program per (prompts, prompt tokens, new rows) bucket, never per slot) waiting requests are
            prefilled and written into free slots: the distinct prompts once each (the n samples of a prompt copy
            its cache row), their first token sampled, the slots' state replaced in place (the state is donated).
-           Programs are at least 8 slots / rows wide (`narrowest`): narrower saves little, and costs compilations.
+           Decode programs are at least `min_width` slots wide (1 on a CPU, where a step's cost follows its rows down
+           to one; 8 on an accelerator, where fewer rows cost what 8 do and each width is one more compilation);
+           inserts, moves and keeps copy at least 8 rows (`copy_rows`) to bound their programs.
   prefixes a pool of cache rows (`prefix_cache_mb`, least recently used out) indexed on the host by token ids: a
            prompt's row is kept after its prefill, and, with `keep_completions`, each finished row (prompt + its
            sampled tokens): MCTS children and rollouts continue their parent's row. A request whose prompt shares a
@@ -224,17 +226,23 @@ class Engine(Sampler):
   """`Sampler` with continuous batching and prefix reuse (see the module docstring)."""
 
   def __init__(self, model: Llama | ModelConfig, tokenizer, *, prefix_cache_mb: float = 1024.0,
-               chunk_steps: int = 32, prefill_tokens: int = 8192, prefill_rows: int = 8, keep_completions: bool = False, **kwargs):
+               chunk_steps: int = 32, prefill_tokens: int = 8192, prefill_rows: int = 8, keep_completions: bool = False,
+               min_width: int | None = None, **kwargs):
     """As `Sampler`, plus: prefix_cache_mb: memory for kept prefixes (0: no reuse); chunk_steps: most decode steps
     between two looks at the slots; prefill_tokens: most prompt tokens (prompts x bucketed length) one insert
-    computes; keep_completions: keep finished rows as prefixes too (search: children continue them)."""
+    computes; keep_completions: keep finished rows as prefixes too (search: children continue them); min_width: the
+    fewest slots a decode program runs over (default: 1 on a CPU, 8 on an accelerator)."""
     super().__init__(model, tokenizer, **kwargs)
     self.prefix_cache_mb, self.chunk_steps = prefix_cache_mb, chunk_steps
     self.prefill_budget, self.prefill_rows = prefill_tokens, max(prefill_rows, self.batch_shards)
     self.keep_completions = keep_completions
-    # The fewest slots (and rows of a copy or move) a program runs over: narrower programs save little on any
-    # device, and each width is one more compilation.
-    self.narrowest = min(self.max_batch, _round_up(8, self.batch_shards))
+    if min_width is None:
+      platform = (jax.devices() if self.sharder is None else self.sharder.mesh.devices.flat)[0].platform
+      min_width = 1 if platform == "cpu" else 8
+    if min_width < 1:
+      raise ValueError(f"min_width must be >= 1, got {min_width}")
+    self.narrowest = min(self.max_batch, _round_up(min_width, self.batch_shards))  # decode programs' fewest slots
+    self.copy_rows = min(self.max_batch, _round_up(8, self.batch_shards))  # inserts', moves' and keeps' fewest rows
     self._decode_chunk = jax.jit(functools.partial(_decode_chunk, self.cfg, self.run, self.sharder),
                                  static_argnames=("width", "length", "eos_ids", "pad_id"),
                                  donate_argnames=("state",))
@@ -374,7 +382,7 @@ class Engine(Sampler):
       return
     movers = [b for b in occupied if b >= target]
     free = [b for b in range(target) if holder[b] is None]
-    M = bucket(len(movers), self.narrowest)
+    M = bucket(len(movers), self.copy_rows)
     src_M, dst_M = np.zeros((M,), np.int32), np.full((M,), B, np.int32)
     src_M[:len(movers)], dst_M[:len(movers)] = movers, free[:len(movers)]
     for s, d in zip(movers, free):
@@ -394,7 +402,7 @@ class Engine(Sampler):
       if row >= 0:
         slots.append(b), rows.append(row)
     if rows:
-      M = bucket(len(rows), self.narrowest)
+      M = bucket(len(rows), self.copy_rows)
       slot_M = np.zeros((M,), np.int32)
       row_M = np.full((M,), len(self._index.ids), np.int32)
       slot_M[:len(slots)], row_M[:len(rows)] = slots, rows
@@ -444,7 +452,7 @@ class Engine(Sampler):
         kept = self._index.claim(ids, protect | {row})
         if kept >= 0:
           keep_P[p] = kept
-    R = self._width(len(taken))  # new rows (padded): a refill of a few slots moves a few cache rows, not B
+    R = min(B, _round_up(bucket(len(taken), self.copy_rows), n))  # new rows: a refill of a few slots moves few, not B
     prompt_R = np.zeros((R,), np.int32)
     slot_R = np.full((R,), B, np.int32)
     stream = np.zeros((R, 2), np.uint32)

@@ -224,9 +224,12 @@ def main():
   write_rows(Path(args.out), rows, device)
 
 
-def write_rows(out: Path, rows: list[dict], device: str) -> None:
-  """Merge `rows` into the results JSON at `out`: rows of other devices are kept, this device's replaced."""
-  kept = [r for r in (json.loads(out.read_text()) if out.exists() else []) if r.get("device") != device]
+def write_rows(out: Path, rows: list[dict], device: str, same: tuple[str, ...] = ()) -> None:
+  """Merge `rows` into the results JSON at `out`: rows of other devices are kept, this device's replaced (only
+  those whose `same` fields equal a new row's, when given: a run of some workloads keeps the others' rows)."""
+  new = {tuple(r.get(k) for k in same) for r in rows}
+  kept = [r for r in (json.loads(out.read_text()) if out.exists() else [])
+          if r.get("device") != device or tuple(r.get(k) for k in same) not in new]
   out.parent.mkdir(parents=True, exist_ok=True)
   write_text_atomic(out, json.dumps(kept + rows, indent=1) + "\n")
   print(f"wrote {out}")

@@ -14,7 +14,8 @@ Per row: tokens sampled, wall seconds, tokens/s, live_row_fraction (decoded row-
 engine counts every slot of every step), prefill tokens requested and computed (reuse = 1 - computed/requested),
 peak KV cache bytes (the engine: slots + prefix pool), and for mcts whether both engines built the same trees.
 Targets (issue 21): live rows >= 90% and >= 2x static tokens/s on mcts at 64 problems.
-Results: printed, and merged into benchmarks/results/sampler_engine.json (rows of this device replaced).
+Results: printed, and merged into benchmarks/results/sampler_engine.json (this device's rows of the workloads
+and sizes run replaced, every other row kept).
 """
 from __future__ import annotations
 
@@ -145,7 +146,7 @@ def main() -> None:
   for row in rows:
     print("| " + " | ".join(f"{row.get(c):.3g}" if isinstance(row.get(c), float) else str(row.get(c))
                             for c in columns) + " |")
-  write_rows(Path(args.out), rows, device)
+  write_rows(Path(args.out), rows, device, same=("workload", "problems"))
 
 
 if __name__ == "__main__":

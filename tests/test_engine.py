@@ -72,6 +72,17 @@ def test_engine_equals_static_sampler_and_keeps_slots_busy(model, tokenizer):
   assert _ids(other.sample(requests)) == _ids(got)
 
 
+def test_min_width_narrows_the_tails_not_the_results(model, tokenizer):
+  """Decode programs down to 1 slot (a CPU's default) or 8: the same rows, and the narrower tails waste less."""
+  requests = _requests(12, seed=2)
+  narrow, wide = (Engine(model, tokenizer, max_batch=16, chunk_steps=8, min_width=w) for w in (None, 8))
+  assert (narrow.narrowest, wide.narrowest) == (1, 8)  # None: the device's default (this is a CPU)
+  assert _ids(narrow.sample(requests)) == _ids(wide.sample(requests))
+  assert narrow.stats.live_row_fraction > wide.stats.live_row_fraction
+  with pytest.raises(ValueError, match="min_width"):
+    Engine(model, tokenizer, max_batch=16, min_width=0)
+
+
 def test_prefix_reuse_is_exact_and_counted(model, tokenizer):
   """A prompt that extends a kept one computes only its new tokens; a request continuing a finished row (kept with
   keep_completions) computes one; the outputs are those of an engine that keeps nothing."""

@@ -110,7 +110,7 @@ class Background:
     self.procs: list[subprocess.Popen] = []
 
   def start(self, args: list[str], out: Path, ready: Callable[[Path], bool], caught: Callable[[Path], bool],
-            attempts: int = 3) -> concurrent.futures.Future:
+            attempts: int = 6) -> concurrent.futures.Future:
     return self.pool.submit(self._kill_when, args, out, ready, caught, attempts)
 
   def _kill_when(self, args, out, ready, caught, attempts) -> Path:
