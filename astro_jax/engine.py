@@ -366,9 +366,9 @@ class Engine(Sampler):
         self.stats.tokens += int(out.lengths[b])
         yield r, j, self._completion(out, b, requests[r].params)
 
-  def _width(self, slots: int) -> int:
-    """The program width (slots) that covers the first `slots` slots."""
-    return min(self.max_batch, _round_up(bucket(slots, self.narrowest), self.batch_shards))
+  def _width(self, slots: int, floor: int | None = None) -> int:
+    """The program width (slots; at least `floor`, default `narrowest`) that covers the first `slots` slots."""
+    return min(self.max_batch, _round_up(bucket(slots, floor or self.narrowest), self.batch_shards))
 
   def _compact(self, holder: list) -> None:
     """Move rows out of the upper half of the occupied slots into free lower ones when they fit (no request
@@ -452,7 +452,7 @@ class Engine(Sampler):
         kept = self._index.claim(ids, protect | {row})
         if kept >= 0:
           keep_P[p] = kept
-    R = min(B, _round_up(bucket(len(taken), self.copy_rows), n))  # new rows: a refill of a few slots moves few, not B
+    R = self._width(len(taken), self.copy_rows)  # new rows (padded): a refill of a few slots moves a few cache rows
     prompt_R = np.zeros((R,), np.int32)
     slot_R = np.full((R,), B, np.int32)
     stream = np.zeros((R, 2), np.uint32)
