@@ -19,11 +19,12 @@
            to one; 8 on an accelerator, where fewer rows cost what 8 do and each width is one more compilation);
            inserts, moves and keeps copy at least 8 rows (`copy_rows`) to bound their programs.
   prefixes a pool of cache rows (`prefix_cache_mb`, least recently used out) indexed on the host by token ids: a
-           prompt's row is kept after its prefill, and, with `keep_completions`, each finished row (prompt + its
-           sampled tokens): MCTS children and rollouts continue their parent's row. A request whose prompt shares a
-           prefix with a kept row starts from a copy of that row and prefills only the rest (the longest common
-           prefix wins; at least the last prompt token is recomputed for its logits). Exact: a position's keys and
-           values depend only on the tokens up to it. `update_weights` forgets every row.
+           prompt's row is kept after its prefill, and, with `keep_completions`, each finished row of a request with
+           stop strings (prompt + its sampled tokens; not after an EOS): a step, which MCTS children and rollouts
+           continue (whole rollouts, sampled without stops, are not kept: nothing continues them). A request whose
+           prompt shares a prefix with a kept row starts from a copy of that row and prefills only the rest (the
+           longest common prefix wins; at least the last prompt token is recomputed for its logits). Exact: a
+           position's keys and values depend only on the tokens up to it. `update_weights` forgets every row.
 
 Results are the static sampler's: a row's tokens come from its own stream fold_in(row stream, token index) (see
 `sampler.stream_id`), whatever slot, chunk or batch it ran in; greedy decoding gives the static path's tokens and
@@ -225,13 +226,14 @@ class PrefixIndex:
 class Engine(Sampler):
   """`Sampler` with continuous batching and prefix reuse (see the module docstring)."""
 
-  def __init__(self, model: Llama | ModelConfig, tokenizer, *, prefix_cache_mb: float = 1024.0,
+  def __init__(self, model: Llama | ModelConfig, tokenizer, *, prefix_cache_mb: float = 4096.0,
                chunk_steps: int = 32, prefill_tokens: int = 8192, prefill_rows: int = 8, keep_completions: bool = False,
                min_width: int | None = None, **kwargs):
     """As `Sampler`, plus: prefix_cache_mb: memory for kept prefixes (0: no reuse); chunk_steps: most decode steps
     between two looks at the slots; prefill_tokens: most prompt tokens (prompts x bucketed length) one insert
-    computes; keep_completions: keep finished rows as prefixes too (search: children continue them); min_width: the
-    fewest slots a decode program runs over (default: 1 on a CPU, 8 on an accelerator)."""
+    computes; keep_completions: keep finished rows of requests with stop strings as prefixes too (search: children
+    continue them); min_width: the fewest slots a decode program runs over (default: 1 on a CPU, 8 on an
+    accelerator)."""
     super().__init__(model, tokenizer, **kwargs)
     self.prefix_cache_mb, self.chunk_steps = prefix_cache_mb, chunk_steps
     self.prefill_budget, self.prefill_rows = prefill_tokens, max(prefill_rows, self.batch_shards)
@@ -357,7 +359,7 @@ class Engine(Sampler):
       self.stats.batches += 1
       self.stats.row_steps += width * steps
       done = [b for b in range(B) if holder[b] is not None and out.finish[b] != _RUNNING]
-      if self.keep_completions and self._reuse and done:
+      if self.keep_completions and self._reuse and first.stop and done:  # rows cut at a stop are steps
         self._keep_finished(requests, holder, done, out, prompt_ids)
       for b in done:
         r, j = holder[b]
@@ -395,7 +397,7 @@ class Engine(Sampler):
     for b in done:
       r, _ = holder[b]
       produced = int(out.lengths[b])
-      if produced < 2:
+      if produced < 2 or out.finish[b] == _EOS:  # nothing continues past an EOS
         continue
       ids = np.concatenate([prompt_ids[r], out.tokens[b, :produced - 1].astype(np.int32)])
       row = self._index.claim(ids, protect=set())
@@ -433,8 +435,8 @@ class Engine(Sampler):
           protect.add(row)
           self._index.touch(row)
       taken.append(waiting.popleft())
-    # short inserts (the search's: a kept parent, a few new tokens) always take the widest program, one shape
-    T = bucket(max(len(prompt_ids[r]) - s for r, s, _ in plan))
+    # short inserts (the search's: a kept parent, a few new tokens) always take the widest program, few shapes
+    T = bucket(max(len(prompt_ids[r]) - s for r, s, _ in plan), 4)
     P = _round_up(bucket(len(plan), min(4, self.prefill_rows)) if T > 64 else self.prefill_rows, n)
     tokens = np.full((P, T), self.pad_id, np.int32)
     start_P, length_P = np.zeros((P,), np.int32), np.ones((P,), np.int32)
@@ -474,7 +476,7 @@ class Engine(Sampler):
                                            table, stop_len, eos_ids=eos_ids, pad_id=self.pad_id)
 
 
-def make_sampler(engine: str, model, tokenizer, *, prefix_cache_mb: float = 1024.0, **kwargs) -> Sampler:
+def make_sampler(engine: str, model, tokenizer, *, prefix_cache_mb: float = 4096.0, **kwargs) -> Sampler:
   """The sampler a stage asks for: "static" (`Sampler`) or "continuous" (`Engine`)."""
   if engine == "static":
     kwargs.pop("keep_completions", None)

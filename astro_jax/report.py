@@ -8,7 +8,8 @@ Layout read (written by the `pipeline` stage; every part optional):
   mcts/                        summary.json, trees.jsonl, sft.jsonl
   base/eval/                   <benchmark>.jsonl rows {"id", "benchmark", "gold", "samples": [...]}
   <arm>/sft/, <arm>/rl/        metrics.jsonl;  <arm>/difficulty/summary.json;  <arm>/eval_sft/, <arm>/eval_rl/
-with <arm> in {astro, direct}.
+with <arm> in {astro, direct}, or <arm>/seed<N>/ for a replicate run (pipeline.json's config `seed` N >= 0: the
+report shows that replicate's models; mcts/ and base/eval/ are every replicate's).
 
 How every number of the table is computed (from the per-response rows of `<benchmark>.jsonl`; the functions below
 are pure and small, so anyone can recompute them):
@@ -51,8 +52,8 @@ BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
 Z_95 = 1.959963984540054
 ARMS = ("astro", "direct")
-MODELS = (("base", "base/eval"), ("ASTRO-SFT", "astro/eval_sft"), ("ASTRO-RL", "astro/eval_rl"),
-          ("Direct-SFT", "direct/eval_sft"), ("Direct-RL", "direct/eval_rl"))
+MODELS = (("base", "", "base/eval"), ("ASTRO-SFT", "astro", "eval_sft"), ("ASTRO-RL", "astro", "eval_rl"),
+          ("Direct-SFT", "direct", "eval_sft"), ("Direct-RL", "direct", "eval_rl"))  # (label, arm, its stage dir)
 OPTIONAL_MODELS = ("Direct-SFT", "Direct-RL")  # rows shown only when their stage ran or is listed
 BENCHMARK_ORDER = ("math500", "amc23", "aime24", "gsm8k")
 BENCHMARK_TITLES = {"math500": "MATH-500", "amc23": "AMC 2023", "aime24": "AIME 2024", "gsm8k": "GSM8K"}
@@ -242,9 +243,21 @@ def benchmark_names(eval_dirs: Sequence[Path]) -> list[str]:
   return [b for b in BENCHMARK_ORDER if b in names] + sorted(names - set(BENCHMARK_ORDER))
 
 
-def collect_table(run_dir: Path, stages: dict[str, dict], seed: int = BOOTSTRAP_SEED) -> dict:
+def arm_dir(arm: str, seed: int = -1) -> str:
+  """Where an arm's stages are, relative to the run: <arm>, or <arm>/seed<N> for replicate N (the pipeline's `seed`)."""
+  return f"{arm}/seed{seed}" if seed >= 0 else arm
+
+
+def run_seed(pipeline: dict | None) -> int:
+  """The replicate the run directory's last pipeline run was (pipeline.json's config `seed`; -1: none)."""
+  seed = ((pipeline or {}).get("config") or {}).get("seed", -1)
+  return seed if isinstance(seed, int) and not isinstance(seed, bool) else -1
+
+
+def collect_table(run_dir: Path, stages: dict[str, dict], seed: int = BOOTSTRAP_SEED, replicate: int = -1) -> dict:
   """The paper's table and the backtracks-vs-correctness numbers, one row per model (report.json's "table")."""
-  models = [(label, rel) for label, rel in MODELS if label not in OPTIONAL_MODELS or (run_dir / rel).is_dir()
+  models = [(label, f"{arm_dir(arm, replicate)}/{sub}" if arm else sub) for label, arm, sub in MODELS]
+  models = [(label, rel) for label, rel in models if label not in OPTIONAL_MODELS or (run_dir / rel).is_dir()
             or stages.get(os.path.normpath(rel), {}).get("status") not in (None, "skipped")]
   benchmarks = benchmark_names([run_dir / rel for _, rel in models])
   rows = []
@@ -281,10 +294,10 @@ def run_arms(run_dir: Path, pipeline: dict | None) -> tuple[str, ...]:
   return named or tuple(a for a in ARMS if (run_dir / a).is_dir()) or ARMS
 
 
-def difficulty_section(run_dir: Path, stages: dict[str, dict], arms: Sequence[str] = ARMS) -> dict:
+def difficulty_section(run_dir: Path, stages: dict[str, dict], arms: Sequence[str] = ARMS, replicate: int = -1) -> dict:
   out = {}
   for arm in arms:
-    rel = f"{arm}/difficulty"
+    rel = f"{arm_dir(arm, replicate)}/difficulty"
     s = read_json(run_dir / rel / "summary.json")
     keys = ("problems", "samples_per_problem", "kept", "too_hard", "too_easy", "kept_fraction", "mean_pass_rate")
     out[arm] = ({"status": status_of(run_dir, rel, stages), **{k: s.get(k) for k in keys}} if s
@@ -292,12 +305,13 @@ def difficulty_section(run_dir: Path, stages: dict[str, dict], arms: Sequence[st
   return out
 
 
-def training_section(run_dir: Path, stages: dict[str, dict], kind: str, arms: Sequence[str] = ARMS) -> dict:
+def training_section(run_dir: Path, stages: dict[str, dict], kind: str, arms: Sequence[str] = ARMS,
+                     replicate: int = -1) -> dict:
   """Per arm: the status and metrics.jsonl's first and last values (kind: sft or rl)."""
   keys = ("loss", "eval_loss", "lr") if kind == "sft" else tuple(k for k, *_ in RL_PANELS)
   out = {}
   for arm in arms:
-    rel = f"{arm}/{kind}"
+    rel = f"{arm_dir(arm, replicate)}/{kind}"
     rows = [r for r in iter_jsonl(run_dir / rel / "metrics.jsonl") if isinstance(r.get("step"), (int, float))]
     if not rows:
       out[arm] = {"status": _missing(run_dir, rel, stages)}
@@ -333,12 +347,14 @@ def collect(run_dir: str | os.PathLike) -> dict:
   run_dir = Path(run_dir)
   pipeline = read_json(run_dir / "pipeline.json")
   stages = stage_states(pipeline)
-  arms = run_arms(run_dir, pipeline)
+  arms, replicate = run_arms(run_dir, pipeline), run_seed(pipeline)
   return _json_safe({
       "run_dir": str(run_dir), "config": (pipeline or {}).get("config"), "stages": stages_section(pipeline),
-      "mcts": mcts_section(run_dir, stages), "difficulty": difficulty_section(run_dir, stages, arms),
-      "sft": training_section(run_dir, stages, "sft", arms), "rl": training_section(run_dir, stages, "rl", arms),
-      "table": collect_table(run_dir, stages)})
+      "replicate": replicate if replicate >= 0 else None,
+      "mcts": mcts_section(run_dir, stages), "difficulty": difficulty_section(run_dir, stages, arms, replicate),
+      "sft": training_section(run_dir, stages, "sft", arms, replicate),
+      "rl": training_section(run_dir, stages, "rl", arms, replicate),
+      "table": collect_table(run_dir, stages, replicate=replicate)})
 
 
 def _json_safe(obj: Any) -> Any:
@@ -499,10 +515,11 @@ def rl_plot(runs: dict[str, list[dict]]) -> bytes | None:
 def plots(run_dir: Path) -> dict[str, bytes]:
   """{"sft_loss": PNG, "rl_curves": PNG} for what has metrics rows."""
   out = {}
-  sft = sft_plot({arm: metrics_rows(run_dir, f"{arm}/sft") for arm in ARMS})
+  replicate = run_seed(read_json(run_dir / "pipeline.json"))
+  sft = sft_plot({arm: metrics_rows(run_dir, f"{arm_dir(arm, replicate)}/sft") for arm in ARMS})
   if sft:
     out["sft_loss"] = sft
-  rl = rl_plot({arm: metrics_rows(run_dir, f"{arm}/rl") for arm in ARMS})
+  rl = rl_plot({arm: metrics_rows(run_dir, f"{arm_dir(arm, replicate)}/rl") for arm in ARMS})
   if rl:
     out["rl_curves"] = rl
   return out

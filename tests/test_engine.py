@@ -85,9 +85,10 @@ def test_min_width_narrows_the_tails_not_the_results(model, tokenizer):
 
 def test_prefix_reuse_is_exact_and_counted(model, tokenizer):
   """A prompt that extends a kept one computes only its new tokens; a request continuing a finished row (kept with
-  keep_completions) computes one; the outputs are those of an engine that keeps nothing."""
+  keep_completions, as its request has stop strings: a step) computes one; the outputs are those of an engine that
+  keeps nothing."""
   base = list(range(1, 31))
-  greedy = P(temperature=0, max_new_tokens=12, ignore_eos=True)
+  greedy = P(temperature=0, max_new_tokens=12, ignore_eos=True, stop=("\x00never",))
   engine = Engine(model, tokenizer, max_batch=4, keep_completions=True)
   fresh = Engine(model, tokenizer, max_batch=4, prefix_cache_mb=0)
   first = engine.sample([Request(base, greedy, key=0)])[0][0]
@@ -107,6 +108,12 @@ def test_prefix_reuse_is_exact_and_counted(model, tokenizer):
   # 4 slots: the first 4 samples share one prefill of 50 tokens; the 4 that wait reuse the kept prompt (its last
   # token recomputed for the logits), in one insert or more as slots free up
   assert len(group[0]) == 8 and 50 + 1 <= engine.stats.prefill_computed - before - 1 <= 50 + 4
+  # a row sampled without stop strings (a whole rollout) is not kept: a request continuing it computes its tokens
+  other = list(range(100, 130))
+  rollout = engine.sample([Request(other, P(temperature=0, max_new_tokens=12, ignore_eos=True), key=5)])[0][0]
+  before = engine.stats.prefill_computed
+  engine.sample([Request(other + rollout.token_ids, greedy, key=6)])
+  assert engine.stats.prefill_computed - before == len(rollout.token_ids) == 12  # only the prompt's 30 reused
 
 
 def test_new_weights_forget_kept_prefixes(model, tokenizer):

@@ -204,6 +204,28 @@ def test_overwrite_redoes_the_changed_stage_and_the_stages_it_feeds_only(full_ru
   assert all(statuses[n] == ("done" if n in redone else "skipped") for n in STEPS)
 
 
+def test_a_replicate_runs_the_arms_under_seed_n_with_its_seeds_and_shares_the_search(full_run, toy):
+  out, _ = full_run
+  before = stamps(out)
+  pipeline.run(pipeline_config(toy, out, seed=1, arms="astro"))
+  doc = {s["name"]: s for s in record(out)["stages"]}
+  replicate = [f"astro/seed1/{name}" for name in ("sft", "eval_sft", "difficulty", "rl", "eval_rl")]
+  assert doc["mcts"]["status"] == doc["base/eval"]["status"] == "skipped"  # shared: run once
+  assert all(doc[name]["status"] == "done" and doc[name]["dir"] == name for name in replicate)
+  assert set(STEPS) <= set(doc) and stamps(out) == before  # the first run's stages untouched, their entries kept
+  settings = lambda name: json.loads((out / name / "run_config.json").read_text())
+  assert settings("astro/seed1/sft")["seed"] == settings("astro/seed1/rl")["seed"] == 1
+  assert settings("astro/seed1/rl")["sampling"]["seed"] == settings("astro/seed1/difficulty")["sampling"]["seed"] == 1
+  assert settings("astro/seed1/eval_rl")["sampling"]["seed"] == settings("astro/eval_rl")["sampling"]["seed"]
+  assert settings("astro/seed1/sft")["data"]["path"] == str(out / "mcts" / "sft.jsonl")
+  assert settings("astro/seed1/rl")["prompts"]["path"] == str(out / "astro" / "seed1" / "difficulty" / "prompts.jsonl")
+  assert settings("astro/seed1/eval_rl")["checkpoint"]["path"] == str(out / "astro" / "seed1" / "rl" / "hf")
+  table = json.loads((out / "report.json").read_text())["table"]
+  assert {r["model"]: r["dir"] for r in table["rows"]} == {"base": "base/eval", "ASTRO-SFT": "astro/seed1/eval_sft",
+                                                           "ASTRO-RL": "astro/seed1/eval_rl"}
+  assert [r["status"] for r in table["rows"]] == ["skipped", "done", "done"]
+
+
 # --- refused before any work -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("values, error", [
@@ -216,6 +238,8 @@ def test_overwrite_redoes_the_changed_stage_and_the_stages_it_feeds_only(full_ru
     ({"rl.max_prompt_tokens": 64}, r"config key 'rl\.max_prompt_tokens' = 64: \+ rl\.sampling\.max_new_tokens = 65 "
                                    r"> the model's context of 64 positions"),
     ({"eval.sampling.max_new_tokens": 62}, r"test test, problem 'sum_0_0' \(eval\): prompt of 5 tokens"),
+    ({"seed": 0, "rl.sampling.seed": 3}, r"config key 'rl\.sampling\.seed' = 3: with seed = 0 the pipeline sets it"),
+    ({"seed": -2}, r"config key 'seed' = -2: must be an integer >= -1"),
 ])
 def test_bad_settings_are_one_line_before_any_work(values, error, toy, tmp_path, no_model):
   out = tmp_path / "run"
@@ -278,6 +302,11 @@ def test_the_shipped_configs_pass_every_check_before_work(toy, tmp_path, no_mode
   steps = pipeline.validate(config)  # the real SmolLM2's context and tokenizer, its prompts
   assert [s.name for s in steps] == list(STEPS[:7])
   assert not (tmp_path / "demo").exists()
+  experiment = main.load_config_file(f"{REPO}/experiments/astro_vs_direct/config.py")
+  experiment.output_dir, experiment.seed = str(tmp_path / "experiment"), 2
+  steps = pipeline.validate(experiment)
+  assert [s.name for s in steps][:4] == ["mcts", "base/eval", "astro/seed2/sft", "astro/seed2/eval_sft"]
+  assert not (tmp_path / "experiment").exists()
 
 
 # --- multi-host ---------------------------------------------------------------------------------------------------

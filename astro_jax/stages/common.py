@@ -60,7 +60,8 @@ MODEL_KEYS: Keys = {"model.dtype": Key("float32", "the sampler's compute dtype (
 ENGINE_KEYS: Keys = {
     "sampler.engine": Key("continuous", "continuous (slots refilled as rows finish, prefixes reused) or static "
                           "(batches run until their longest row stops)", one_of(("static", "continuous"))),
-    "sampler.prefix_cache_mb": Key(1024.0, "continuous: memory for kept prompt/parent prefixes (0: no reuse)",
+    "sampler.prefix_cache_mb": Key(4096.0, "continuous: memory for kept prompt/parent prefixes (0: no reuse; at most "
+                                   "4 cache rows a slot)",
                                    at_least(0)),
 }
 

@@ -18,6 +18,8 @@ Layout of RUN (`output_dir`):
   <arm>/difficulty/   pass rates of <arm>/sft/hf on `problems`: prompts.jsonl
   <arm>/rl/           RL of <arm>/sft/hf on <arm>/difficulty/prompts.jsonl
   <arm>/eval_rl/      eval of <arm>/rl/hf on `test`
+                      (<arm>/seed<N>/... with `seed` N >= 0: replicate N of the arms, every seed of their stages N;
+                      replicates share mcts/ and base/eval/, each run skipping what an earlier one finished)
   pipeline.json       {"config": ..., "stages": [{"name", "dir", "status", "wall_s", "compile_s", "started", "ended",
                       "settings", "inputs", ...}]}, rewritten atomically as each stage starts and ends
   report.*            `astro_jax.report.write_report`, after every stage and at the end
@@ -54,12 +56,14 @@ import ml_collections
 from astro_jax import config_keys, stages
 from astro_jax.config_keys import Key, Keys, all_of, changed, given, satisfies
 from astro_jax.errors import ConfigError, UserError
+from astro_jax.report import arm_dir
 from astro_jax.stages import common
 
 SUBCONFIGS = ("mcts", "sft", "difficulty", "rl", "eval")  # sub-configs: each that stage's keys and defaults
 ARMS = ("astro", "direct")
 SFT_DATA = {"astro": "sft.jsonl", "direct": "direct.jsonl"}  # what each arm fine-tunes on, from mcts/
 SHARED = ("compile_cache_dir", "mesh", "distributed")  # the pipeline's values, passed to every stage
+SEEDED = {"sft": ("seed",), "difficulty": ("sampling.seed",), "rl": ("seed", "sampling.seed")}  # from `seed` >= 0
 # Keys the pipeline sets in each sub-config; a user value there is refused.
 SET_HERE = {"mcts": ("checkpoint", "input", "prompt"), "eval": ("checkpoint", "benchmarks", "prompt"),
             "sft": ("checkpoint", "data", "resume", "export_hf"),
@@ -83,6 +87,11 @@ KEYS: Keys = {  # the pipeline's own keys; each sub-config is that stage's KEYS 
     **changed(common.base_keys("pipeline"), drop=("seed",),  # every stage has its own seeds
               helps={"compile_cache_dir": "JAX's persistent compilation cache of every stage (\"\": off); a "
                                           "restarted run does not recompile"}),
+    "seed": Key(-1, "a replicate N >= 0 of the arms: their stages go under <arm>/seed<N>/ with every seed of theirs "
+                "(sft.seed, difficulty.sampling.seed, rl.seed, rl.sampling.seed) N; mcts/ and base/eval/ are shared "
+                "by every replicate (run once, then skipped); -1: the stages' own seeds, arms under <arm>/",
+                satisfies(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= -1, "must be an integer "
+                          ">= -1")),
     "checkpoint": Key("", "the base model (mcts policy, base eval, start of both arms' sft): Orbax or HF directory, "
                       "or an asset (asset:smollm2); required", given("the base model is required")),
     "problems": Key("", "train problems: JSONL with id, problem, answer (the search's problems and the RL prompts); "
@@ -178,19 +187,24 @@ def plan(config: ml_collections.ConfigDict) -> list[Step]:
          Step("base/eval", "eval", compose(config, "eval", "base/eval", checkpoint=config.checkpoint,
                                            benchmarks=config.test), ())]
   for arm in arms(config):
-    sft_hf, rl_hf = str(run / arm / "sft" / "hf"), str(run / arm / "rl" / "hf")
+    at = arm_dir(arm, config.seed)
+    sft_hf, rl_hf = str(run / at / "sft" / "hf"), str(run / at / "rl" / "hf")
     out += [
-        Step(f"{arm}/sft", "sft", compose(config, "sft", f"{arm}/sft", checkpoint=config.checkpoint,
-                                          data=str(run / "mcts" / SFT_DATA[arm]), export_hf=True), ("mcts",)),
-        Step(f"{arm}/eval_sft", "eval", compose(config, "eval", f"{arm}/eval_sft", checkpoint=sft_hf,
-                                                benchmarks=config.test), (f"{arm}/sft",)),
-        Step(f"{arm}/difficulty", "difficulty", compose(config, "difficulty", f"{arm}/difficulty", checkpoint=sft_hf,
-                                                        input=config.problems), (f"{arm}/sft",)),
-        Step(f"{arm}/rl", "rl", compose(config, "rl", f"{arm}/rl", checkpoint=sft_hf, export_hf=True,
-                                        prompts=str(run / arm / "difficulty" / "prompts.jsonl")),
-             (f"{arm}/sft", f"{arm}/difficulty")),
-        Step(f"{arm}/eval_rl", "eval", compose(config, "eval", f"{arm}/eval_rl", checkpoint=rl_hf,
-                                               benchmarks=config.test), (f"{arm}/rl",))]
+        Step(f"{at}/sft", "sft", compose(config, "sft", f"{at}/sft", checkpoint=config.checkpoint,
+                                         data=str(run / "mcts" / SFT_DATA[arm]), export_hf=True), ("mcts",)),
+        Step(f"{at}/eval_sft", "eval", compose(config, "eval", f"{at}/eval_sft", checkpoint=sft_hf,
+                                               benchmarks=config.test), (f"{at}/sft",)),
+        Step(f"{at}/difficulty", "difficulty", compose(config, "difficulty", f"{at}/difficulty", checkpoint=sft_hf,
+                                                       input=config.problems), (f"{at}/sft",)),
+        Step(f"{at}/rl", "rl", compose(config, "rl", f"{at}/rl", checkpoint=sft_hf, export_hf=True,
+                                       prompts=str(run / at / "difficulty" / "prompts.jsonl")),
+             (f"{at}/sft", f"{at}/difficulty")),
+        Step(f"{at}/eval_rl", "eval", compose(config, "eval", f"{at}/eval_rl", checkpoint=rl_hf,
+                                              benchmarks=config.test), (f"{at}/rl",))]
+  for step in out if config.seed >= 0 else ():
+    for key in SEEDED.get(step.stage, ()):
+      *parents, leaf = key.split(".")
+      _get(step.config, ".".join(parents))[leaf] = config.seed
   return out
 
 
@@ -217,6 +231,17 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config key '{name}.{key}' = {value!r}: the pipeline sets it (inputs, output_dir, "
                           f"overwrite/resume, prompt, mesh, distributed, compile_cache_dir, export_hf); remove it from "
                           f"the sub-config (set the pipeline's own key, e.g. checkpoint, problems, test, prompt.*)")
+    for key in SEEDED.get(name, ()) if config.seed >= 0 else ():
+      value, default = _get(config[name], key), _get(reference, key)
+      if value != default:
+        raise ConfigError(f"config key '{name}.{key}' = {value!r}: with seed = {config.seed} the pipeline sets it "
+                          f"(every seed of the arms' stages is the replicate's); remove one of the two")
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+  for part in filter(None, key.split(".")):
+    config = config[part]
+  return config
 
 
 def _plain(value: Any) -> Any:
