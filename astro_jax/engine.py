@@ -435,8 +435,9 @@ class Engine(Sampler):
           protect.add(row)
           self._index.touch(row)
       taken.append(waiting.popleft())
-    # short inserts (the search's: a kept parent, a few new tokens) always take the widest program, few shapes
-    T = bucket(max(len(prompt_ids[r]) - s for r, s, _ in plan), 4)
+    # short inserts (the search's: a kept parent, a few new tokens) always take the widest program, one shape (a T
+    # floor of 4 saves ~0.2 s an insert but adds shapes that later RL steps compile: test_rl_stage)
+    T = bucket(max(len(prompt_ids[r]) - s for r, s, _ in plan))
     P = _round_up(bucket(len(plan), min(4, self.prefill_rows)) if T > 64 else self.prefill_rows, n)
     tokens = np.full((P, T), self.pad_id, np.int32)
     start_P, length_P = np.zeros((P,), np.int32), np.ones((P,), np.int32)
