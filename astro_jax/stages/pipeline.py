@@ -203,8 +203,8 @@ def plan(config: ml_collections.ConfigDict) -> list[Step]:
                                               benchmarks=config.test), (f"{at}/rl",))]
   for step in out if config.seed >= 0 else ():
     for key in SEEDED.get(step.stage, ()):
-      *parents, leaf = key.split(".")
-      _get(step.config, ".".join(parents))[leaf] = config.seed
+      parent, _, leaf = key.rpartition(".")
+      (config_keys.value(step.config, parent) if parent else step.config)[leaf] = config.seed
   return out
 
 
@@ -232,16 +232,10 @@ def check(config: ml_collections.ConfigDict) -> None:
                           f"overwrite/resume, prompt, mesh, distributed, compile_cache_dir, export_hf); remove it from "
                           f"the sub-config (set the pipeline's own key, e.g. checkpoint, problems, test, prompt.*)")
     for key in SEEDED.get(name, ()) if config.seed >= 0 else ():
-      value, default = _get(config[name], key), _get(reference, key)
+      value, default = config_keys.value(config[name], key), config_keys.value(reference, key)
       if value != default:
         raise ConfigError(f"config key '{name}.{key}' = {value!r}: with seed = {config.seed} the pipeline sets it "
                           f"(every seed of the arms' stages is the replicate's); remove one of the two")
-
-
-def _get(config: ml_collections.ConfigDict, key: str) -> Any:
-  for part in filter(None, key.split(".")):
-    config = config[part]
-  return config
 
 
 def _plain(value: Any) -> Any:
@@ -364,10 +358,7 @@ def inputs(step: Step) -> dict:
   """The step's inputs: resolved path + content fingerprint."""
   out = {}
   for key in INPUTS[step.stage]:
-    value = step.config
-    for part in key.split("."):
-      value = value[part]
-    out[key] = common.describe_input(value, key)
+    out[key] = common.describe_input(config_keys.value(step.config, key), key)
   return out
 
 
