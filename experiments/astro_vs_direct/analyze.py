@@ -24,6 +24,7 @@ Numbers (every interval a 95% percentile bootstrap, `RESAMPLES` resamples, numpy
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import json
 import re
@@ -94,13 +95,14 @@ def seeds_of(results: Path) -> list[int]:
 def load(results: Path) -> dict[str, dict[int, list[dict]]]:
   """{model label: {seed: eval rows}} (base: the one shared eval, under every seed)."""
   seeds = seeds_of(results)
+  read = functools.cache(read_rows)  # the base eval's one file serves every seed
   out: dict[str, dict[int, list[dict]]] = {}
   for label, arm, sub in MODELS:
     runs = {}
     for seed in seeds:
       path = eval_file(results, arm, sub, seed)
       if path is not None:
-        runs[seed] = read_rows(path)
+        runs[seed] = read(path)
     if runs:
       out[label] = runs
   return out
